@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Quickstart: compose a query (reference image + modification text), search a folder of images, plot the top k.
+
+Offline, self-contained (writes a small shapes-world image folder and searches it)::
+
+    python examples/quickstart.py --tiny --out grid.png
+
+Your own model and photos::
+
+    python examples/quickstart.py --model runs/stage2/model --images photos/ \\
+        --reference photos/dog.jpg --text "the same dog but on a beach" -k 8 --out grid.png
+
+Add ``--index photos.index`` to keep the gallery embeddings on disk (a
+``zscir.index.EmbeddingIndex``, the same format ``zscir index`` writes): the
+next run only embeds images that are new. Without ``--model`` an untrained
+``Composer.from_clip("zscir-tiny")`` is used, which runs but ranks at random.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import tempfile
+import textwrap
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from zscir.checkpoint import atomic_write_bytes
+from zscir.composer import Composer
+from zscir.data.images import iter_image_batches, list_images, load_image
+from zscir.index import INDEX_META, EmbeddingIndex, exact_topk, model_key_of
+
+Hit = Tuple[str, float]  # (gallery id = path relative to the image folder, cosine score)
+
+
+@dataclass
+class TinyQuery:
+    """A shapes-world query written to disk: reference, modification text and the correct answers."""
+
+    images: Path
+    reference: Path
+    text: str
+    targets: List[str]
+
+
+def write_tiny_world(folder: Path, image_size: int = 64, n_queries: int = 6, seed: int = 0) -> TinyQuery:
+    """Export a small shapes-world evaluation set to `folder` and return its first query."""
+    import json
+
+    from zscir.data.shapes import ShapesWorld, ShapesWorldConfig
+
+    world = ShapesWorld(ShapesWorldConfig(seed=seed, image_size=image_size))
+    eval_set = world.make_eval_set(n_queries, n_random=n_queries * 2, siblings_per_query=3, stream="quickstart")
+    world.export_generic(eval_set, folder, progress=False)
+    first = json.loads((folder / "queries.jsonl").read_text().splitlines()[0])
+    # the export's paths are "images/<name>.png"; gallery ids are relative to the images/ folder it searches
+    targets = [Path(t).relative_to("images").as_posix() for t in first["targets"]]
+    return TinyQuery(folder / "images", folder / first["reference"], first["modification"], targets)
+
+
+def load_composer(model: Optional[str], backbone: str, seed: int = 0) -> Composer:
+    """The trained model folder, or an untrained Composer over `backbone` (seeded, with a warning)."""
+    if model:
+        return Composer.from_pretrained(model)
+    torch.manual_seed(seed)  # the same random weights on every run, so results repeat
+    warnings.warn(f"no --model given: using an UNTRAINED Composer.from_clip({backbone!r}); "
+                  "its rankings are meaningless (train one with examples/train_from_scratch.sh)", stacklevel=2)
+    return Composer.from_clip(backbone)
+
+
+def gallery_files(images: Path) -> Tuple[List[Path], List[str]]:
+    """Image paths under a folder and their ids (posix paths relative to it)."""
+    paths = list_images(images)
+    if not paths:
+        raise FileNotFoundError(f"no images found under {images}")
+    return paths, [p.relative_to(images).as_posix() for p in paths]
+
+
+def embed_in_memory(composer: Composer, paths: Sequence[Path], ids: Sequence[str], batch_size: int,
+                    progress: bool) -> Tuple[torch.Tensor, List[str]]:
+    """Embeddings [N, D] of the loadable images and their ids (unreadable files are skipped with a warning)."""
+    rows, kept = [], []
+    for positions, images in iter_image_batches(list(paths), None, batch_size, progress=progress, desc="embedding"):
+        rows.append(composer.encode_images(images))
+        kept.extend(ids[p] for p in positions.tolist())
+    if not rows:
+        raise RuntimeError("no gallery image could be loaded")
+    return torch.cat(rows), kept
+
+
+def embed_into_index(composer: Composer, model: str, paths: Sequence[Path], ids: Sequence[str], folder: Path,
+                     batch_size: int, progress: bool) -> EmbeddingIndex:
+    """Open (or create) an on-disk index keyed by this model (as `zscir index` keys it) and add the images it lacks."""
+    key = model_key_of(composer, model)
+    index = EmbeddingIndex.open(folder, model_key=key) if (folder / INDEX_META).is_file() else None
+    todo = [i for i, item in enumerate(ids) if index is None or item not in index]
+    print(f"index {folder}: {len(ids) - len(todo)} of {len(ids)} images already embedded, {len(todo)} to add")
+    if todo:
+        emb, kept = embed_in_memory(composer, [paths[i] for i in todo], [ids[i] for i in todo], batch_size, progress)
+        if index is None:
+            index = EmbeddingIndex.create(folder, int(emb.shape[1]), key)
+        index.add(kept, emb)
+    if index is None:
+        raise RuntimeError(f"nothing to index in {folder}")
+    return index
+
+
+def search(composer: Composer, reference: Path, text: str, gallery: Union[EmbeddingIndex, Tuple[torch.Tensor, List[str]]],
+           k: int, exclude: Optional[str]) -> List[Hit]:
+    """Top-k (id, score) of one composed query; `exclude` (the reference's own id) is never returned."""
+    query = composer.encode_query([load_image(reference)], [text])
+    if isinstance(gallery, EmbeddingIndex):
+        banned = [[exclude]] if exclude is not None and exclude in gallery else None
+        return gallery.search(query, k, exclude_ids=banned)[0]
+    emb, ids = gallery
+    banned_rows = [[ids.index(exclude)]] if exclude in ids else None
+    scores, rows = exact_topk(query, emb, k, exclude=banned_rows)
+    return [(ids[r], float(s)) for s, r in zip(scores[0].tolist(), rows[0].tolist()) if r >= 0]
+
+
+def plot_grid(reference: Path, text: str, hits: Sequence[Hit], images: Path, out: Path,
+              targets: Sequence[str] = (), columns: int = 6) -> None:
+    """Save a PNG: the reference with its text, then the ranked results (correct ones framed in green)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 1 + len(hits)
+    cols = min(columns, panels)
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    first = axes.flat[0]
+    first.imshow(load_image(reference))
+    first.set_title("reference +\n" + textwrap.fill(text, 28, max_lines=3, placeholder=" ..."), fontsize=7)
+    for ax, (rank, (item, score)) in zip(list(axes.flat)[1:], enumerate(hits, start=1)):
+        ax.imshow(load_image(images / item))
+        hit = item in targets
+        ax.set_title(f"#{rank} {score:.3f}{'  (target)' if hit else ''}", fontsize=7, color="green" if hit else "black")
+        if hit:  # a visible frame: axis("off") hides spines, so draw a rectangle instead
+            ax.add_patch(plt.Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, lw=4, color="green"))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of the quickstart."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="trained model folder (Composer.save_pretrained); default: untrained tiny CLIP")
+    p.add_argument("--backbone", default="zscir-tiny", help="open_clip model for the untrained fallback")
+    p.add_argument("--images", type=Path, help="folder of gallery images (searched recursively)")
+    p.add_argument("--reference", type=Path, help="reference image (default: the first gallery image)")
+    p.add_argument("--text", help="modification text, e.g. 'make it red'")
+    p.add_argument("-k", "--top-k", type=int, default=5, help="number of results")
+    p.add_argument("--index", type=Path, help="keep the gallery embeddings in this index folder (created if missing)")
+    p.add_argument("--keep-reference", action="store_true", help="allow the reference image itself among the results")
+    p.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG grid of the query and its results")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="seed of the untrained fallback model and of --tiny data")
+    p.add_argument("--tiny", action="store_true", help="offline demo: write a shapes-world folder and search it")
+    p.add_argument("--workdir", type=Path, help="--tiny: where to write the images (default: a temporary folder)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def run(args: argparse.Namespace, workdir: Optional[Path]) -> int:
+    """Compose, search, print and plot."""
+    targets: List[str] = []
+    if args.tiny:
+        query = write_tiny_world(workdir, seed=args.seed)
+        args.images, args.reference = query.images, args.reference or query.reference
+        args.text, targets = args.text or query.text, query.targets
+        print(f"tiny shapes world written to {workdir}")
+    if args.images is None or args.text is None:
+        raise ValueError("give --images DIR and --text TEXT (or --tiny)")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    paths, ids = gallery_files(args.images)
+    reference = args.reference or paths[0]
+    if not reference.is_file():
+        raise FileNotFoundError(f"reference image not found: {reference}")
+    composer = load_composer(args.model, args.backbone, args.seed)  # after the cheap checks: loading takes a while
+    try:
+        ref_id: Optional[str] = reference.resolve().relative_to(args.images.resolve()).as_posix()
+    except ValueError:  # the reference lives outside the gallery folder
+        ref_id = None
+    progress = not args.no_progress
+    if args.index:
+        gallery: Union[EmbeddingIndex, Tuple[torch.Tensor, List[str]]] = embed_into_index(
+            composer, args.model or args.backbone, paths, ids, args.index, args.batch_size, progress)
+    else:
+        gallery = embed_in_memory(composer, paths, ids, args.batch_size, progress)
+    hits = search(composer, reference, args.text, gallery, args.top_k, None if args.keep_reference else ref_id)
+    print(f"query: {reference} + {args.text!r}")
+    print(f"{'rank':>4}  {'score':>7}  id")
+    for rank, (item, score) in enumerate(hits, start=1):
+        print(f"{rank:>4}  {score:7.4f}  {item}{'   <- target' if item in targets else ''}")
+    if targets:
+        found = [r for r, (item, _) in enumerate(hits, start=1) if item in targets]
+        print(f"target rank: {found[0] if found else f'not in the top {args.top_k}'}")
+    plot_grid(reference, args.text, hits, args.images, args.out, targets)
+    print(f"grid: {args.out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; user errors print one line and return 1."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.tiny and args.workdir is None:
+            with tempfile.TemporaryDirectory(prefix="zscir-quickstart-") as tmp:
+                return run(args, Path(tmp))
+        if args.tiny:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+        return run(args, args.workdir)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        print(f"quickstart: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

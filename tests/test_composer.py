@@ -1,0 +1,91 @@
+"""Composer API: encoding, save/load round trip, strict loading, the docstring example."""
+import doctest
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import zscir.composer
+from zscir import Composer
+from zscir.checkpoint import CheckpointError
+from zscir.models.adapters import AdapterConfig
+from zscir.models.phi import PhiConfig
+
+
+def _perturb(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+@pytest.fixture()
+def composer():
+    c = Composer.from_clip("zscir-tiny", phi=PhiConfig(num_tokens=3), adapters=AdapterConfig(kind="bottleneck", rank=8))
+    _perturb(c.phi)
+    for n, p in c.backbone.model.named_parameters():
+        if ".adapter_" in n:
+            with torch.no_grad():
+                p.add_(torch.randn_like(p) * 0.05)
+    return c
+
+
+def test_docstring_example_runs():
+    result = doctest.testmod(zscir.composer, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_encode_query_inputs_and_normalisation(composer, tmp_path):
+    img = Image.new("RGB", (80, 50), "blue")
+    path = tmp_path / "a.png"
+    img.save(path)
+    q = composer.encode_query([img, str(path)], ["make it red", "make it red"])
+    assert q.shape == (2, 128)
+    assert torch.allclose(q.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(q[0], q[1], atol=1e-5)  # a path and the same PIL image give the same query
+    other = composer.encode_query([img], ["make it green"])
+    assert (other - q[:1]).abs().max() > 1e-4  # the text matters
+    with pytest.raises(ValueError, match="2 images but 1 texts"):
+        composer.encode_query([img, img], ["x"])
+
+
+def test_save_and_load_is_bit_exact(composer, tmp_path):
+    composer.save_pretrained(tmp_path / "m")
+    again = Composer.from_pretrained(tmp_path / "m")
+    img = Image.new("RGB", (64, 64), "yellow")
+    assert torch.equal(composer.encode_query([img], ["a red star"]), again.encode_query([img], ["a red star"]))
+    for (n, a), (m, b) in zip(composer.state_dict().items(), again.state_dict().items()):
+        assert n == m and torch.equal(a, b), n
+    assert again.config == composer.config
+
+
+def test_missing_or_mismatched_weights_are_errors(composer, tmp_path):
+    composer.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="not found"):
+        Composer.from_pretrained(tmp_path / "m")
+    composer.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["phi"]["num_tokens"] = 5  # weights were saved for 3 tokens
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not match"):
+        Composer.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "lora"])
+def test_zero_initialised_adapters_equal_stage1(kind):
+    torch.manual_seed(0)
+    plain = Composer.from_clip("zscir-tiny", phi=PhiConfig(num_tokens=2))
+    torch.manual_seed(0)
+    adapted = Composer.from_clip("zscir-tiny", phi=PhiConfig(num_tokens=2), adapters=AdapterConfig(kind=kind, rank=4))
+    img = Image.new("RGB", (64, 64), "white")
+    assert torch.equal(plain.encode_query([img], ["add a blue circle"]), adapted.encode_query([img], ["add a blue circle"]))
+    assert adapted.adapter_keys and all("adapter_" in k or "lora_" in k for k in adapted.adapter_keys)
+
+
+def test_search_over_matrix(composer):
+    imgs = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]
+    gallery = composer.encode_images(imgs)
+    scores, idx = composer.search(imgs[0], "make it green", gallery, k=10)
+    assert idx.shape == (1, 3) and sorted(idx[0].tolist()) == [0, 1, 2]
+    assert torch.all(scores[0, :-1] >= scores[0, 1:])

@@ -1,0 +1,129 @@
+"""The shared training engine: learning, determinism, resume, config round trips, atomic checkpoints."""
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zscir.checkpoint import CheckpointError, load_folder, save_folder
+from zscir.config import Config, ConfigError
+from zscir.losses import clip_contrastive
+from zscir.train.engine import TrainConfig, Trainer, TrainTask, epoch_indices
+
+
+class PairTask(TrainTask):
+    """Learn two linear maps that align paired random vectors (a miniature CLIP)."""
+
+    def __init__(self, n=256, d=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, d, generator=g)
+        self.y = self.x @ torch.randn(d, d, generator=g) + 0.1 * torch.randn(n, d, generator=g)
+        torch.manual_seed(seed)
+        self.module = _Towers(d)
+
+    def num_examples(self):
+        return len(self.x)
+
+    def make_batch(self, indices, step):
+        return {"x": self.x[indices], "y": self.y[indices]}
+
+    def loss(self, outputs, batch, step):
+        return clip_contrastive(outputs["a"], outputs["b"], 10.0), {}
+
+
+class _Towers(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fa, self.fb = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, batch):
+        return {"a": F.normalize(self.fa(batch["x"]), dim=-1), "b": F.normalize(self.fb(batch["y"]), dim=-1)}
+
+
+CFG = TrainConfig(steps=40, batch_size=64, lr=1e-2, warmup_steps=5, log_every=1)
+
+
+def _params(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def test_loss_falls_and_runs_are_deterministic(tmp_path):
+    a = PairTask()
+    res = Trainer(a, CFG, progress=False).train()
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    b = PairTask()
+    Trainer(b, CFG, progress=False).train()
+    assert torch.equal(_params(a.module), _params(b.module))
+
+
+def _interrupt_at(task, stop):
+    def boom(step, module):
+        if step == stop:
+            raise KeyboardInterrupt
+    task.on_step_end = boom
+    return task
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    straight = PairTask()
+    Trainer(straight, CFG, progress=False).train()
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C at step 17 leaves a resumable state
+        Trainer(_interrupt_at(PairTask(), 17), CFG, output_dir=tmp_path, progress=False).train()
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["step"] == 17
+    second = PairTask()  # fresh objects: everything must come from the checkpoint
+    trainer = Trainer(second, CFG, output_dir=tmp_path, progress=False)
+    result = trainer.train(resume=True)
+    assert result.resumed_from == 17
+    assert torch.allclose(_params(second.module), _params(straight.module), atol=1e-6)
+    assert [h["step"] for h in trainer.history] == list(range(1, 41))
+
+
+def test_resume_refuses_another_config(tmp_path):
+    Trainer(PairTask(), dataclasses.replace(CFG, steps=5), output_dir=tmp_path, progress=False).train()
+    with pytest.raises(CheckpointError, match="lr"):
+        Trainer(PairTask(), dataclasses.replace(CFG, lr=0.5), output_dir=tmp_path, progress=False).train(resume=True)
+
+
+def test_epoch_indices_cover_every_example_once_per_epoch():
+    n, b = 50, 16
+    seen = torch.cat([epoch_indices(n, b, s, seed=3) for s in range(0, 50 * 4 // b)])[:n]
+    assert sorted(seen.tolist()) == list(range(n))
+    assert torch.equal(epoch_indices(n, b, 7, 3), epoch_indices(n, b, 7, 3))
+
+
+@dataclasses.dataclass
+class _Inner(Config):
+    width: int = 3
+
+
+@dataclasses.dataclass
+class _Outer(Config):
+    name: str = "x"
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+    tags: tuple = ("a", "b")
+
+
+def test_config_round_trip_and_unknown_keys(tmp_path):
+    cfg = _Outer(name="y", inner=_Inner(7), tags=("c",))
+    cfg.to_json(tmp_path / "c.json")
+    assert _Outer.from_json(tmp_path / "c.json") == cfg
+    with pytest.raises(ConfigError, match="widht"):
+        _Outer.from_dict({"inner": {"widht": 3}})
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        _Outer.from_json(tmp_path / "bad.json")
+
+
+def test_checkpoint_folder_round_trip_and_errors(tmp_path):
+    save_folder(tmp_path / "m", {"a": 1}, {"w": torch.arange(4.0)})
+    cfg, tensors = load_folder(tmp_path / "m")
+    assert cfg == {"a": 1} and torch.equal(tensors["w"], torch.arange(4.0))
+    assert not [p for p in (tmp_path / "m").iterdir() if p.name.endswith(".tmp")]
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_folder(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_folder(tmp_path / "missing")

@@ -1,0 +1,342 @@
+"""exact_topk, the on-disk EmbeddingIndex, FAISS backends and the index/search CLI functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zscir.index import (
+    BACKENDS,
+    EmbeddingIndex,
+    EmbeddingIndexError,
+    exact_topk,
+    index_add_arguments,
+    index_run,
+    search_add_arguments,
+    search_run,
+)
+
+
+def _reference_ranking(scores: torch.Tensor, k: int, banned=()):
+    """Full sort by (score desc, index asc): the documented tie rule, computed the slow way."""
+    order = sorted((j for j in range(len(scores)) if j not in set(banned)), key=lambda j: (-float(scores[j]), j))
+    return order[:k]
+
+
+# ------------------------------------------------------------------------- exact_topk
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+@pytest.mark.parametrize("k", [1, 5, 40, 500])
+def test_exact_topk_matches_full_sort_with_many_ties(chunk_size, k):
+    gen = torch.Generator().manual_seed(k * 1000 + chunk_size)
+    gallery = torch.randint(-2, 3, (300, 6), generator=gen).float()  # few distinct scores -> many ties
+    queries = torch.randint(-2, 3, (9, 6), generator=gen).float()
+    values, indices = exact_topk(queries, gallery, k, chunk_size=chunk_size)
+    kk = min(k, 300)
+    assert values.shape == (9, kk) and indices.dtype == torch.int64 and values.dtype == torch.float32
+    full = queries @ gallery.T
+    for q in range(9):
+        expected = _reference_ranking(full[q], kk)
+        assert indices[q].tolist() == expected
+        assert torch.equal(values[q], full[q, expected])
+
+
+def test_exact_topk_float16_numpy_gallery_is_upcast_per_chunk():
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((1000, 32)).astype(np.float16)
+    queries = torch.from_numpy(rng.standard_normal((4, 32)).astype(np.float32))
+    requested = []
+
+    class Recording:
+        """Array-like that records which rows are read."""
+
+        shape, ndim = gallery.shape, 2
+
+        def __getitem__(self, item):
+            requested.append((item.start, item.stop))
+            return gallery[item]
+
+    values, indices = exact_topk(queries, Recording(), 10, chunk_size=128)
+    assert max(stop - start for start, stop in requested) <= 128 and len(requested) == 8
+    ref = queries @ torch.from_numpy(gallery.astype(np.float32)).T
+    ref_v, ref_i = ref.topk(10, dim=1)
+    assert torch.equal(indices, ref_i)
+    assert torch.allclose(values, ref_v)
+
+
+def test_exact_topk_exclude_and_padding():
+    gallery = torch.eye(5)
+    queries = torch.tensor([[1.0, 0.9, 0.8, 0.7, 0.6], [1.0, 0.9, 0.8, 0.7, 0.6]])
+    values, indices = exact_topk(queries, gallery, 4, chunk_size=2, exclude=[[0, 2], [0, 1, 2, 3]])
+    assert indices[0].tolist() == [1, 3, 4, -1]
+    assert indices[1].tolist() == [4, -1, -1, -1]
+    assert torch.isneginf(values[1, 1:]).all() and values[1, 0] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="exclude has 1 entries"):
+        exact_topk(queries, gallery, 2, exclude=[[0]])
+    with pytest.raises(IndexError, match=r"exclude\[1\].*index 9"):
+        exact_topk(queries, gallery, 2, exclude=[[], [9]])
+
+
+def test_exact_topk_bad_input():
+    g = torch.randn(10, 4)
+    q = torch.randn(2, 4)
+    assert exact_topk(q, g, 50)[1].shape == (2, 10)  # k clipped to the gallery
+    with pytest.raises(ValueError, match="k must be positive"):
+        exact_topk(q, g, 0)
+    q_nan = q.clone()
+    q_nan[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="query 1"):
+        exact_topk(q_nan, g, 3)
+    g_inf = g.clone()
+    g_inf[7, 0] = float("inf")
+    with pytest.raises(ValueError, match="row 7"):
+        exact_topk(q, g_inf, 3, chunk_size=4)
+    with pytest.raises(ValueError, match="dimension 4 but the gallery has 5"):
+        exact_topk(q, torch.randn(10, 5), 3)
+    with pytest.raises(ValueError, match="empty"):
+        exact_topk(q, torch.randn(0, 4), 3)
+
+
+# --------------------------------------------------------------------- EmbeddingIndex
+def _clustered(n: int, dim: int, seed: int = 0, clusters: int = 20) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + 0.3 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_create_add_open_search_round_trip(tmp_path):
+    emb = _clustered(50, 16)
+    index = EmbeddingIndex.create(tmp_path / "idx", dim=16, model_key="model-a")
+    index.add([f"img{i}" for i in range(30)], emb[:30] * 3.0)  # cosine metric: stored normalised
+    index.add(list(range(30, 50)), torch.from_numpy(emb[30:]))  # ids may be ints
+    reopened = EmbeddingIndex.open(tmp_path / "idx", model_key="model-a")
+    assert len(reopened) == 50 and reopened.ids[:2] == ["img0", "img1"] and reopened.ids[30] == 30
+    assert reopened.embeddings.dtype == np.float16 and reopened.embeddings.shape == (50, 16)
+    np.testing.assert_allclose(reopened.embeddings[:].astype(np.float32), emb, atol=2e-3)
+
+    queries = emb[[3, 40]] + 0.01
+    hits = reopened.search(queries, k=5)
+    s, r = exact_topk(torch.from_numpy(queries / np.linalg.norm(queries, axis=1, keepdims=True)), reopened.embeddings, 5)
+    assert [h[0] for h in hits[0]] == [reopened.ids[j] for j in r[0].tolist()]
+    assert hits[0][0][0] == "img3" and hits[1][0][0] == 40
+    assert hits[0][0][1] == pytest.approx(float(s[0, 0]))
+    excluded = reopened.search(queries[:1], k=3, exclude_ids=[["img3"]])
+    assert "img3" not in [i for i, _ in excluded[0]] and len(excluded[0]) == 3
+
+
+def test_add_errors_name_the_ids(tmp_path):
+    index = EmbeddingIndex.create(tmp_path / "idx", dim=4, model_key="m")
+    index.add(["a", "b"], np.eye(4)[:2])
+    with pytest.raises(ValueError, match=r"already in the index.*'a'"):
+        index.add(["c", "a"], np.eye(4)[:2])
+    with pytest.raises(ValueError, match=r"duplicate ids within the batch: \['x'\]"):
+        index.add(["x", "x"], np.eye(4)[:2])
+    bad = np.eye(4)[:3].copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"NaN/inf for id\(s\) \['q'\]"):
+        index.add(["p", "q", "r"], bad)
+    with pytest.raises(ValueError, match=r"zero embeddings.*\['z'\]"):
+        index.add(["z"], np.zeros((1, 4)))
+    with pytest.raises(ValueError, match=r"must be \[n, 4\]"):
+        index.add(["w"], np.ones((1, 5)))
+    with pytest.raises(TypeError, match=r"ids\[0\]"):
+        index.add([1.5], np.ones((1, 4)))
+    assert len(index) == 2 and len(EmbeddingIndex.open(tmp_path / "idx")) == 2  # failed adds left nothing behind
+    with pytest.raises(EmbeddingIndexError, match="already holds an index"):
+        EmbeddingIndex.create(tmp_path / "idx", dim=4, model_key="m")
+    with pytest.raises(EmbeddingIndexError, match="built with model 'm', not 'other'"):
+        EmbeddingIndex.open(tmp_path / "idx", model_key="other")
+    with pytest.raises(EmbeddingIndexError, match="no index"):
+        EmbeddingIndex.open(tmp_path / "none")
+
+
+def test_interrupted_add_is_ignored_and_repaired(tmp_path):
+    index = EmbeddingIndex.create(tmp_path / "idx", dim=4, model_key="m")
+    index.add(["a", "b"], np.eye(4)[:2])
+    # an add that died after appending data but before committing meta.json
+    with open(tmp_path / "idx" / "embeddings.f16", "ab") as fh:
+        fh.write(np.ones((3, 4), dtype=np.float16).tobytes()[:13])
+    with open(tmp_path / "idx" / "ids.jsonl", "ab") as fh:
+        fh.write(b'"half-writ')
+    again = EmbeddingIndex.open(tmp_path / "idx")
+    assert again.ids == ["a", "b"]
+    again.add(["c"], np.eye(4)[2:3])
+    final = EmbeddingIndex.open(tmp_path / "idx")
+    assert final.ids == ["a", "b", "c"]
+    np.testing.assert_array_equal(final.embeddings[:].astype(np.float32), np.eye(4)[:3])
+    assert final.search(np.eye(4)[2:3], k=1)[0][0][0] == "c"
+
+
+def test_inner_product_metric_keeps_norms(tmp_path):
+    index = EmbeddingIndex.create(tmp_path / "idx", dim=2, model_key="m", metric="ip")
+    index.add(["small", "big"], np.array([[1.0, 0.0], [0.0, 3.0]]))
+    hits = index.search(np.array([[1.0, 1.0]]), k=2)[0]
+    assert hits == [("big", 3.0), ("small", 1.0)]
+
+
+# ---------------------------------------------------------------------- FAISS backends
+faiss = pytest.importorskip("faiss")
+
+
+def test_backend_registry_lists_all():
+    assert set(BACKENDS.names()) == {"exact", "flat", "ivf", "hnsw", "pq", "ivfpq"}
+
+
+def test_faiss_backends_agree_with_exact(tmp_path):
+    emb = _clustered(2000, 32, seed=1)
+    index = EmbeddingIndex.create(tmp_path / "idx", dim=32, model_key="m")
+    index.add(list(range(2000)), emb)
+    queries = emb[:20] + 0.05 * np.random.default_rng(2).standard_normal((20, 32)).astype(np.float32)
+    _, exact_rows = index.search_arrays(queries, 10)
+
+    index.build_backend("flat")
+    _, flat_rows = index.search_arrays(queries, 10, backend="flat")
+    assert (flat_rows == exact_rows).float().mean() > 0.98  # float16-rounded ties may swap
+
+    ivf = index.build_backend("ivf", nlist=16)
+    assert ivf.params["nlist"] == 16
+    _, ivf_all = index.search_arrays(queries, 10, backend="ivf", nprobe=16)  # every list scanned: exact
+    assert _recall(ivf_all, exact_rows) > 0.98
+    _, ivf_few = index.search_arrays(queries, 10, backend="ivf", nprobe=1)
+    assert _recall(ivf_few, exact_rows) <= _recall(ivf_all, exact_rows)
+
+    index.build_backend("hnsw", M=16)
+    _, hnsw_rows = index.search_arrays(queries, 10, backend="hnsw", efSearch=200)
+    assert _recall(hnsw_rows, exact_rows) > 0.9
+
+    for name in ("pq", "ivfpq"):
+        index.build_backend(name, **({"nlist": 16} if name == "ivfpq" else {}))
+        _, rows = index.search_arrays(queries, 10, backend=name)
+        assert rows.shape == (20, 10) and (rows >= 0).all()
+        assert _recall(rows, exact_rows) > 0.3  # lossy codes, but far above chance (10/2000)
+
+    with pytest.raises(ValueError, match="no search parameter 'nprobe'"):
+        index.search_arrays(queries, 10, backend="hnsw", nprobe=4)
+    with pytest.raises(KeyError, match="unknown index backend 'annoy'"):
+        index.search_arrays(queries, 10, backend="annoy")
+
+
+def _recall(found: torch.Tensor, truth: torch.Tensor) -> float:
+    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
+
+
+def test_faiss_backend_saved_reloaded_and_caught_up(tmp_path):
+    emb = _clustered(600, 16, seed=3)
+    index = EmbeddingIndex.create(tmp_path / "idx", dim=16, model_key="m")
+    index.add([f"i{j}" for j in range(500)], emb[:500])
+    index.build_backend("hnsw", M=8)
+    assert (tmp_path / "idx" / "hnsw.faiss").is_file()
+    assert json.loads((tmp_path / "idx" / "meta.json").read_text())["backends"]["hnsw"]["count"] == 500
+
+    later = EmbeddingIndex.open(tmp_path / "idx")
+    later.add([f"i{j}" for j in range(500, 600)], emb[500:])
+    hits = later.search(emb[550:551], k=1, backend="hnsw")  # a row added after the build is found
+    assert hits[0][0][0] == "i550"
+    assert later.sync_backends() == ["hnsw"]
+    assert json.loads((tmp_path / "idx" / "meta.json").read_text())["backends"]["hnsw"]["count"] == 600
+    reloaded = EmbeddingIndex.open(tmp_path / "idx")
+    assert reloaded.search(emb[590:591], k=3, backend="hnsw", exclude_ids=[["i590"]])[0][0][0] != "i590"
+    with pytest.raises(EmbeddingIndexError, match="no 'ivf' backend"):
+        reloaded.search(emb[:1], k=1, backend="ivf")
+
+
+def test_missing_faiss_gives_install_hint(tmp_path, monkeypatch):
+    index = EmbeddingIndex.create(tmp_path / "idx", dim=4, model_key="m")
+    index.add(["a"], np.eye(4)[:1])
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    with pytest.raises(ImportError, match=r"pip install zscir\[faiss\]"):
+        index.build_backend("flat")
+    assert index.search(np.eye(4)[:1], k=1)[0][0][0] == "a"  # exact search needs no FAISS
+
+
+# ------------------------------------------------------------------------------- CLI
+class FakeComposer:
+    """Deterministic stand-in for zscir.composer.Composer: an image embeds as its 4x4 grey thumbnail."""
+
+    cache_key = "fake-composer-1"
+    loaded_from = []
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        cls.loaded_from.append(folder)
+        return cls()
+
+    def encode_images(self, images):
+        arr = np.stack([np.asarray(im.convert("L").resize((4, 4)), dtype=np.float32).ravel() + 1.0 for im in images])
+        x = torch.from_numpy(arr)
+        return x / x.norm(dim=1, keepdim=True)
+
+    def encode_query(self, images, texts):
+        assert len(images) == len(texts)
+        return self.encode_images(images)
+
+
+@pytest.fixture
+def fake_composer(monkeypatch):
+    module = types.ModuleType("zscir.composer")
+    module.Composer = FakeComposer
+    monkeypatch.setitem(sys.modules, "zscir.composer", module)
+    return FakeComposer
+
+
+def _cli(add_arguments, run, argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def test_index_and_search_commands(tmp_path, fake_composer, capsys):
+    gallery = tmp_path / "gallery"
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        p = gallery / ("sub" if i % 2 else "") / f"g{i:02d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(p)
+    (gallery / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    idx = tmp_path / "index"
+    argv = [str(gallery), "--model", "MODEL", "--index", str(idx), "--batch-size", "5", "--commit-every", "4", "--no-progress"]
+    assert _cli(index_add_arguments, index_run, argv) == 0
+    index = EmbeddingIndex.open(idx, model_key="fake-composer-1")
+    assert len(index) == 12 and "sub/g01.png" in index and "g00.png" in index
+    assert "broken.jpg" in (idx / "bad_images.log").read_text()
+
+    # a second run finds everything indexed and adds nothing; --backend builds a FAISS structure
+    assert _cli(index_add_arguments, index_run, argv + ["--backend", "flat"]) == 0
+    assert "12 already indexed, 1 to embed" in capsys.readouterr().out  # the broken file is retried
+    assert set(EmbeddingIndex.open(idx).meta["backends"]) == {"flat"}
+
+    query_img = gallery / "sub" / "g05.png"
+    search_argv = [str(idx), "--model", "MODEL", "--image", str(query_img), "--text", "make it red", "-k", "3", "--json"]
+    assert _cli(search_add_arguments, search_run, search_argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in results] == [1, 2, 3]
+    assert results[0]["id"] == "sub/g05.png" and results[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert _cli(search_add_arguments, search_run, search_argv + ["--exclude", "sub/g05.png", "--backend", "flat"]) == 0
+    assert "sub/g05.png" not in [r["id"] for r in json.loads(capsys.readouterr().out)]
+
+    fake_composer.cache_key = "another-model"
+    try:
+        with pytest.raises(EmbeddingIndexError, match="another-model"):
+            _cli(search_add_arguments, search_run, search_argv)
+    finally:
+        fake_composer.cache_key = "fake-composer-1"
+
+
+def test_index_command_from_file_list(tmp_path, fake_composer):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), (10, 200, 30) if name == "a.png" else (90, 9, 9)).save(imgs / name)
+    lst = tmp_path / "list.txt"
+    lst.write_text("# gallery\nimgs/a.png\nimgs/b.png\n")
+    idx = tmp_path / "index"
+    assert _cli(index_add_arguments, index_run, [str(lst), "--model", "M", "--index", str(idx), "--no-progress"]) == 0
+    assert EmbeddingIndex.open(idx).ids == ["imgs/a.png", "imgs/b.png"]
+    with pytest.raises(ValueError, match="--backend-param expects KEY=VALUE"):
+        _cli(index_add_arguments, index_run, [str(lst), "--model", "M", "--index", str(idx), "--backend-param", "nlist"])

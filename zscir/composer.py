@@ -1,0 +1,236 @@
+"""The user-facing model: reference image + modification text -> query embedding.
+
+>>> from zscir import Composer
+>>> composer = Composer.from_clip("zscir-tiny")              # random tiny CLIP, untrained phi (offline)
+>>> from PIL import Image
+>>> ref = Image.new("RGB", (64, 64), "red")
+>>> q = composer.encode_query([ref], ["make it blue"])        # [1, D], L2-normalised
+>>> g = composer.encode_images([ref, Image.new("RGB", (64, 64), "blue")])
+>>> scores, idx = composer.search(ref, "make it blue", g, k=2)
+>>> tuple(q.shape), tuple(idx.shape)
+((1, 128), (1, 2))
+
+A model folder holds ``config.json`` (a :class:`ComposerConfig`) and
+``model.safetensors`` with the phi-network, the composing adapters and, for
+backbones that are not a public open_clip checkpoint (the tiny CLIP trained
+here), the backbone weights too. Public backbones (``ViT-L-14``/``openai``)
+are referenced by name and loaded through open_clip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .checkpoint import CheckpointError, load_folder, save_folder
+from .config import Config
+from .models.adapters import AdapterConfig, add_adapters
+from .models.backbone import Backbone, BackboneConfig, load_backbone
+from .models.phi import PhiConfig, PhiNetwork
+
+ImageInput = Union[Image.Image, str, os.PathLike, torch.Tensor, np.ndarray]
+
+
+@dataclasses.dataclass
+class ComposerConfig(Config):
+    """Everything needed to rebuild a Composer: backbone reference, phi, adapters, prompts."""
+
+    backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    phi: PhiConfig = dataclasses.field(default_factory=PhiConfig)
+    adapters: Optional[AdapterConfig] = None
+    query_prompt: str = "a photo of $ that {modification}"
+    image_prompt: str = "a photo of $"
+    placeholder: str = "$"
+    embed_backbone: bool = False  # backbone weights stored in the folder (local/tiny backbones)
+    stage: str = "untrained"  # "untrained", "stage1", "stage2"
+
+    @classmethod
+    def from_dict(cls, data, source: str = "config"):
+        """Build from a dict; nested adapter config may be null."""
+        data = dict(data)
+        adapters = data.pop("adapters", None)
+        cfg = super().from_dict(data, source)
+        cfg.adapters = AdapterConfig.from_dict(adapters, source=f"{source}.adapters") if adapters else None
+        return cfg
+
+
+class Composer(nn.Module):
+    """Frozen CLIP + phi-network (+ composing adapters): encodes images and composed queries."""
+
+    def __init__(self, backbone: Backbone, phi: PhiNetwork, config: ComposerConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.phi = phi
+        self.config = config
+        self.adapter_keys: List[str] = []
+        if config.adapters is not None:
+            prefix = "transformer." if hasattr(backbone.model, "transformer") else "text.transformer."
+            text_transformer = backbone.model.get_submodule(prefix[:-1])
+            names = add_adapters(text_transformer, config.adapters)
+            self.adapter_keys = [prefix + n for n in names]
+        self.eval()
+
+    # ------------------------------------------------------------ factories
+    @classmethod
+    def from_clip(cls, model_name: str = "zscir-tiny", pretrained: Optional[str] = None,
+                  phi: Optional[PhiConfig] = None, adapters: Optional[AdapterConfig] = None,
+                  device: str = "cpu", **prompt_kwargs) -> "Composer":
+        """A Composer over an open_clip model (name + pretrained tag/file, or a backbone folder) with an untrained phi."""
+        backbone = load_backbone(model_name, pretrained, device=device)
+        phi_cfg = dataclasses.replace(phi or PhiConfig(), embed_dim=backbone.embed_dim, token_dim=backbone.token_dim)
+        local = Path(model_name).is_dir() or (pretrained is not None and Path(pretrained).exists())
+        bcfg = backbone.config
+        if (local or pretrained is None) and bcfg.model_cfg is None:
+            import open_clip
+
+            bcfg = dataclasses.replace(bcfg, model_cfg=open_clip.get_model_config(bcfg.model_name))
+        config = ComposerConfig(backbone=bcfg, phi=phi_cfg, adapters=adapters,
+                                embed_backbone=bool(local or pretrained is None), **prompt_kwargs)
+        return cls(backbone, PhiNetwork(phi_cfg), config).to(device)
+
+    @classmethod
+    def from_pretrained(cls, folder: Union[str, os.PathLike], device: str = "cpu") -> "Composer":
+        """Load a folder written by :meth:`save_pretrained` (strict: missing or mismatched weights are an error)."""
+        raw, tensors = load_folder(folder)
+        config = ComposerConfig.from_dict(raw, source=str(Path(folder) / "config.json"))
+        bcfg = config.backbone
+        if config.embed_backbone:
+            from .models.backbone import _create
+
+            model, tokenizer, preprocess = _create(bcfg.model_name, bcfg.model_cfg, None, device)
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            backbone = Backbone(model, tokenizer, preprocess, bcfg).to(device)
+        else:
+            backbone = load_backbone(bcfg.model_name, bcfg.pretrained, device=device)
+        composer = cls(backbone, PhiNetwork(config.phi), config).to(device)
+        own = composer._persistent_state()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        bad_shape = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+        if missing or unexpected or bad_shape:
+            raise CheckpointError(
+                f"{folder}: weights do not match config.json: missing {missing[:3]} ({len(missing)}), "
+                f"unexpected {unexpected[:3]} ({len(unexpected)}), shape mismatch {bad_shape[:3]}"
+            )
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(tensors[k].to(v.dtype))
+        composer.backbone.invalidate_cache_key()
+        return composer
+
+    def _persistent_state(self) -> Dict[str, torch.Tensor]:
+        """Tensors a model folder stores: phi, adapters, and the backbone if embedded."""
+        state: Dict[str, torch.Tensor] = {f"phi.{k}": v for k, v in self.phi.state_dict().items()}
+        adapter_keys = set(self.adapter_keys)
+        for k, v in self.backbone.model.state_dict().items():
+            if self.config.embed_backbone or k in adapter_keys:
+                state[f"backbone.{k}"] = v
+        return state
+
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (atomic); loads back bit-exactly."""
+        return save_folder(folder, self.config.to_dict(), self._persistent_state())
+
+    # -------------------------------------------------------------- encoding
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return self.backbone.device
+
+    @property
+    def cache_key(self) -> str:
+        """Identifies backbone weights + image pipeline, for gallery feature caches."""
+        return f"{self.backbone.cache_key}-{self.backbone.image_size}"
+
+    def _pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        from .data.images import load_image
+
+        out = []
+        for img in images:
+            if isinstance(img, torch.Tensor) and img.ndim == 3:
+                out.append(img)
+                continue
+            if isinstance(img, np.ndarray):
+                img = Image.fromarray(img)
+            elif not isinstance(img, Image.Image):
+                img = load_image(img)
+            out.append(self.backbone.preprocess(img.convert("RGB")))
+        return torch.stack(out).to(self.device)
+
+    def image_features(self, images: Sequence[ImageInput]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Raw pooled features and patch tokens of images."""
+        feats = self.backbone.encode_image(self._pixels(images), with_patches=self.phi.config.use_vsi)
+        return feats.pooled, feats.patches
+
+    def pseudo_tokens(self, pooled: torch.Tensor, patches: Optional[torch.Tensor]) -> torch.Tensor:
+        """Pseudo-word tokens [B, n, token_dim] of image features."""
+        return self.phi(pooled, patches)
+
+    def query_prompts(self, texts: Sequence[str]) -> List[str]:
+        """Fill the query prompt template with each modification text (placeholder characters in user text removed)."""
+        ph = self.config.placeholder
+        return [self.config.query_prompt.format(modification=t.replace(ph, " ").strip()) for t in texts]
+
+    def compose_features(self, pooled: torch.Tensor, patches: Optional[torch.Tensor], texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised query embeddings from image features and modification texts."""
+        tokens = self.pseudo_tokens(pooled, patches)
+        return self.backbone.encode_with_pseudo_tokens(self.query_prompts(texts), tokens,
+                                                       self.config.placeholder, normalize=True)
+
+    @torch.no_grad()
+    def encode_query(self, images: Sequence[ImageInput], texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Composed query embeddings [B, D] (L2-normalised) for reference images + modification texts."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        out = []
+        for s in range(0, len(images), batch_size):
+            pooled, patches = self.image_features(images[s: s + batch_size])
+            out.append(self.compose_features(pooled, patches, texts[s: s + batch_size]))
+        return torch.cat(out) if out else torch.empty(0, self.backbone.embed_dim)
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
+        """Gallery image embeddings [N, D] (L2-normalised)."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        out = []
+        for s in range(0, len(images), batch_size):
+            feats = self.backbone.encode_image(self._pixels(images[s: s + batch_size]), with_patches=False)
+            out.append(F.normalize(feats.pooled, dim=-1))
+        return torch.cat(out) if out else torch.empty(0, self.backbone.embed_dim)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Plain CLIP text embeddings (L2-normalised)."""
+        return self.backbone.encode_text(list(texts), normalize=True)
+
+    @torch.no_grad()
+    def search(self, image: ImageInput, text: str, gallery, k: int = 10) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores, indices) of one query over a gallery embedding matrix [N, D] or an EmbeddingIndex."""
+        q = self.encode_query([image], [text])
+        if hasattr(gallery, "search") and not isinstance(gallery, torch.Tensor):
+            return gallery.search(q, k)
+        from .index import exact_topk
+
+        return exact_topk(q, torch.as_tensor(gallery), k)
+
+    def __repr__(self) -> str:
+        a = self.config.adapters
+        return (f"Composer(stage={self.config.stage!r}, backbone={self.config.backbone.model_name!r}, "
+                f"{self.phi!r}, adapters={None if a is None else f'{a.kind}x{a.num_layers} rank {a.rank}'}, "
+                f"prompt={self.config.query_prompt!r})")
+

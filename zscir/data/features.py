@@ -1,0 +1,501 @@
+"""The Stage-I feature cache: a corpus encoded once by the frozen CLIP backbone, memory-mapped on disk.
+
+For every image the cache stores the pooled embedding ``[D]`` and the projected
+patch tokens ``[P, D]`` (float16), where the backbone's patch grid (e.g. 16x16
+for ViT-L/14 at 224 px) is optionally average-pooled to ``g x g`` so that
+million-image corpora fit on disk. Files in a cache folder::
+
+    meta.json       key, shapes, progress (items completed), failures   (atomic rewrite)
+    paths.json      the image names, in order                            (atomic)
+    pooled.npy      float16 [N, D]      numpy .npy, memory-mapped, no pickle
+    patches.npy     float16 [N, P, D]
+    valid.npy       bool [N]            False for images that failed to load
+    failures.log    index<TAB>path<TAB>reason, one line per skipped image
+
+**Keys.** The folder is named ``<backbone cache_key>-<digest>``; the digest hashes
+the backbone ``cache_key``, the file-list fingerprint, the pooled grid, the
+image size, the preprocessing pipeline and the format version. :meth:`FeatureCache.open`
+recomputes the digest from ``meta.json`` and checks it against the folder name,
+and against an expected backbone key when given, so a cache built by another
+backbone (or other settings) is never silently reused.
+
+**Resuming.** Items are encoded in chunks; after each chunk the arrays are
+flushed and ``meta.json`` is atomically rewritten with the number of completed
+items. An interrupted build restarts from the last completed chunk.
+
+**Disk cost per image**, ViT-L/14 at 224 px (embed_dim D = 768, 16 x 16 = 256 patches),
+float16 (2 bytes/value), pooled embedding included, 1 byte valid flag:
+
+=================  ===========  ==================  ==============
+patch grid         values       bytes / image       1M images
+=================  ===========  ==================  ==============
+full 16x16 (256)   257 x 768    394,753 (385.5 KiB)  ~395 GB
+pooled 4x4 (16)    17 x 768      26,113 (25.5 KiB)    ~26 GB
+pooled 2x2 (4)     5 x 768        7,681 (7.5 KiB)     ~7.7 GB
+pooled only        1 x 768        1,537 (1.5 KiB)     ~1.5 GB
+=================  ===========  ==================  ==============
+
+(:func:`disk_bytes_per_image` computes these; ``paths.json`` adds the name lengths.)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import atomic_write_json
+from .images import ImageFailure, ImageSource, SliceSource, as_image_source, iter_image_batches
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+PATHS_NAME = "paths.json"
+FAILURES_LOG = "failures.log"
+ARRAY_FILES = {"pooled": "pooled.npy", "patches": "patches.npy", "valid": "valid.npy"}
+PatchGrid = Union[None, int, Tuple[int, int], Sequence[int]]
+
+
+class FeatureCacheError(RuntimeError):
+    """A feature cache folder is missing, incomplete, corrupt or was built with other settings."""
+
+
+def disk_bytes_per_image(embed_dim: int, patch_count: int) -> int:
+    """Bytes on disk per image: float16 pooled [D] + patches [P, D], plus the 1-byte valid flag."""
+    return 2 * embed_dim * (1 + patch_count) + 1
+
+
+def _normalise_grid(patch_grid: PatchGrid, backbone_grid: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+    """The stored patch grid (gh, gw): the backbone grid for None, else the pooled size (never larger)."""
+    if backbone_grid is None:
+        raise FeatureCacheError("the backbone has no patch grid (not a ViT); build with with_patches=False")
+    bh, bw = int(backbone_grid[0]), int(backbone_grid[1])
+    if patch_grid is None:
+        return bh, bw
+    gh, gw = (patch_grid, patch_grid) if isinstance(patch_grid, int) else tuple(int(g) for g in patch_grid)
+    if gh < 1 or gw < 1:
+        raise ValueError(f"patch_grid must be >= 1, got {patch_grid}")
+    if gh > bh or gw > bw:
+        raise ValueError(f"patch_grid {gh}x{gw} is larger than the backbone's {bh}x{bw} patch grid (pooling cannot upsample)")
+    return gh, gw
+
+
+def _describe_preprocess(preprocess: Any) -> str:
+    """A stable text form of the preprocessing pipeline (memory addresses removed)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(preprocess))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:80] or "backbone"
+
+
+def _digest(key: Dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_key(backbone: Any, source: ImageSource, grid: Optional[Tuple[int, int]], with_patches: bool) -> Dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": str(backbone.cache_key),
+        "source": source.fingerprint(),
+        "count": len(source),
+        "patch_grid": list(grid) if (with_patches and grid is not None) else None,
+        "with_patches": bool(with_patches),
+        "image_size": int(backbone.image_size),
+        "preprocess": _describe_preprocess(backbone.preprocess),
+        "load_options": sorted((k, repr(v)) for k, v in getattr(source, "load_kwargs", {}).items()),
+    }
+
+
+def cache_folder(
+    backbone: Any,
+    images: Union[ImageSource, Sequence[Union[str, os.PathLike]]],
+    cache_dir: Union[str, os.PathLike],
+    patch_grid: PatchGrid = 4,
+    with_patches: bool = True,
+) -> Path:
+    """The folder :meth:`FeatureCache.build` uses for these settings."""
+    source = as_image_source(images)
+    grid = _normalise_grid(patch_grid, backbone.patch_grid) if with_patches else None
+    key = _cache_key(backbone, source, grid, with_patches)
+    return Path(cache_dir) / f"{_slug(key['backbone'])}-{_digest(key)[:16]}"
+
+
+def _model_device_dtype(backbone: Any) -> Tuple[torch.device, torch.dtype]:
+    params = getattr(backbone, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    if first is None:
+        return torch.device("cpu"), torch.float32
+    dtype = first.dtype if first.dtype.is_floating_point else torch.float32
+    return first.device, dtype
+
+
+def pool_patches(patches: torch.Tensor, source_grid: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+    """Average-pool row-major patch tokens [B, gh*gw, D] on a `source_grid` to [B, g*g', D]."""
+    b, n, d = patches.shape
+    gh, gw = source_grid
+    if n != gh * gw:
+        raise FeatureCacheError(f"backbone returned {n} patch tokens, expected {gh}x{gw} = {gh * gw} (row-major grid)")
+    if tuple(grid) == (gh, gw):
+        return patches
+    x = patches.reshape(b, gh, gw, d).permute(0, 3, 1, 2)
+    x = F.adaptive_avg_pool2d(x.float(), grid)
+    return x.permute(0, 2, 3, 1).reshape(b, grid[0] * grid[1], d)
+
+
+class FeatureCache:
+    """Read side of a Stage-I feature cache (see the module docstring); build or resume with :meth:`build`."""
+
+    def __init__(self, folder: Path, meta: Dict[str, Any], arrays: Dict[str, np.ndarray], paths: List[str]) -> None:
+        self.folder = folder
+        self.meta = meta
+        self.pooled: np.ndarray = arrays["pooled"]
+        self.patches: Optional[np.ndarray] = arrays.get("patches")
+        self.valid: np.ndarray = arrays["valid"]
+        self.paths = paths
+
+    # ------------------------------------------------------------------- reading
+    @classmethod
+    def open(cls, folder: Union[str, os.PathLike], backbone_key: Optional[str] = None) -> "FeatureCache":
+        """Open a complete cache; verifies the key against the folder name (and `backbone_key` if given)."""
+        folder = Path(folder)
+        meta = _read_meta(folder)
+        key = meta["key"]
+        digest = _digest(key)
+        if meta.get("digest") != digest or not folder.name.endswith(digest[:16]):
+            raise FeatureCacheError(
+                f"{folder}: {META_NAME} does not match the folder's key (digest {digest[:16]}); "
+                "the cache was moved, renamed or edited; rebuild it"
+            )
+        if backbone_key is not None and key["backbone"] != backbone_key:
+            raise FeatureCacheError(
+                f"{folder} was built with backbone {key['backbone']!r}, not {backbone_key!r}; refusing to reuse it"
+            )
+        if not meta.get("complete"):
+            raise FeatureCacheError(
+                f"{folder} is incomplete ({meta.get('completed', 0)}/{key['count']} images encoded); "
+                "run FeatureCache.build again with the same arguments to resume"
+            )
+        arrays = _open_arrays(folder, meta, mode="r")
+        paths = _read_paths(folder, key["count"])
+        return cls(folder, meta, arrays, paths)
+
+    def __len__(self) -> int:
+        return int(self.pooled.shape[0])
+
+    def __repr__(self) -> str:
+        patches = None if self.patches is None else tuple(self.patches.shape)
+        return (
+            f"FeatureCache({str(self.folder)!r}, n={len(self)}, valid={int(self.valid.sum())}, "
+            f"pooled={tuple(self.pooled.shape)}, patches={patches})"
+        )
+
+    @property
+    def backbone_key(self) -> str:
+        """The backbone cache_key the features were computed with."""
+        return str(self.meta["key"]["backbone"])
+
+    @property
+    def patch_grid(self) -> Optional[Tuple[int, int]]:
+        """The stored (pooled) patch grid, or None without patches."""
+        grid = self.meta["key"]["patch_grid"]
+        return None if grid is None else (int(grid[0]), int(grid[1]))
+
+    @property
+    def failures(self) -> List[Dict[str, Any]]:
+        """Images that could not be loaded: dicts with index, path, reason."""
+        return list(self.meta.get("failures", []))
+
+    def valid_indices(self) -> np.ndarray:
+        """Indices of the images that were encoded (int64)."""
+        return np.flatnonzero(np.asarray(self.valid)).astype(np.int64)
+
+    def torch_dataset(self) -> "CachedFeatureDataset":
+        """A Dataset over the valid items yielding dict(pooled [D], patches [P, D] float32, index int)."""
+        return CachedFeatureDataset(self.folder, self.valid_indices())
+
+    # ------------------------------------------------------------------- writing
+    @classmethod
+    def build(
+        cls,
+        backbone: Any,
+        paths: Union[ImageSource, Sequence[Union[str, os.PathLike]]],
+        cache_dir: Union[str, os.PathLike],
+        patch_grid: PatchGrid = 4,
+        batch_size: int = 64,
+        progress: bool = True,
+        num_workers: int = 0,
+        chunk_size: int = 4096,
+        with_patches: bool = True,
+    ) -> "FeatureCache":
+        """Encode a corpus (paths or an ImageSource) into `cache_dir`, or resume / reuse a matching cache; returns it opened.
+
+        ``patch_grid``: pooled grid size ``g`` (or ``(gh, gw)``), None for the full
+        grid. Images that fail to load are logged, skipped and marked invalid.
+        """
+        from tqdm.auto import tqdm
+
+        if batch_size < 1 or chunk_size < 1:
+            raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
+        source = as_image_source(paths)
+        n = len(source)
+        if n == 0:
+            raise ValueError("cannot build a feature cache for an empty corpus (no images given)")
+        grid = _normalise_grid(patch_grid, backbone.patch_grid) if with_patches else None
+        key = _cache_key(backbone, source, grid, with_patches)
+        digest = _digest(key)
+        folder = Path(cache_dir) / f"{_slug(key['backbone'])}-{digest[:16]}"
+        meta_path = folder / META_NAME
+
+        if meta_path.is_file():
+            meta = _read_meta(folder)
+            if meta["key"] != key:
+                raise FeatureCacheError(f"{folder}: stored key differs from the requested one; remove the folder to rebuild")
+            if meta.get("complete"):
+                logger.info("reusing feature cache %s", folder)
+                return cls.open(folder, backbone_key=key["backbone"])
+            arrays = _open_arrays(folder, meta, mode="r+")
+            logger.info("resuming feature cache %s at %d/%d images", folder, meta["completed"], n)
+        else:
+            embed_dim = int(backbone.embed_dim)
+            patch_count = grid[0] * grid[1] if grid is not None else 0
+            _check_disk_space(Path(cache_dir), n * disk_bytes_per_image(embed_dim, patch_count))
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder / PATHS_NAME, source.names())
+            meta = {
+                "key": key,
+                "digest": digest,
+                "embed_dim": embed_dim,
+                "patch_count": patch_count,
+                "source_grid": list(backbone.patch_grid) if with_patches else None,
+                "dtype": "float16",
+                "chunk_size": int(chunk_size),
+                "completed": 0,
+                "complete": False,
+                "failures": [],
+            }
+            arrays = _create_arrays(folder, n, embed_dim, patch_count, with_patches)
+            (folder / FAILURES_LOG).write_text("")
+            atomic_write_json(meta_path, meta)  # written last: marks the folder as a cache
+
+        device, dtype = _model_device_dtype(backbone)
+        was_training = bool(getattr(backbone, "training", False))
+        if hasattr(backbone, "eval"):
+            backbone.eval()
+        start = int(meta["completed"])
+        step = int(meta["chunk_size"])
+        bar = tqdm(total=n, initial=start, desc="encoding images", unit="img", disable=not progress)
+        try:
+            while start < n:
+                stop = min(n, start + step)
+                failures: List[ImageFailure] = []
+
+                def record(failure: ImageFailure, offset: int = start) -> None:
+                    failures.append(ImageFailure(failure.index + offset, failure.path, failure.reason))
+                    bar.update(1)
+
+                arrays["valid"][start:stop] = False
+                for idx, pixels in iter_image_batches(
+                    SliceSource(source, start, stop),
+                    backbone.preprocess,
+                    batch_size,
+                    num_workers=num_workers,
+                    progress=False,
+                    on_failure=record,
+                    abort_after=64 if start == 0 else stop - start + 1,
+                ):
+                    rows = idx.numpy() + start
+                    pooled, patches = _encode(backbone, pixels, device, dtype, grid, with_patches)
+                    _check_finite(pooled, patches, rows, source)
+                    arrays["pooled"][rows] = pooled
+                    if with_patches:
+                        arrays["patches"][rows] = patches
+                    arrays["valid"][rows] = True
+                    bar.update(len(rows))
+                bad_rows = np.array([f.index for f in failures], dtype=np.int64)
+                if len(bad_rows):  # a resumed chunk may hold stale values in these rows
+                    arrays["pooled"][bad_rows] = 0
+                    if with_patches:
+                        arrays["patches"][bad_rows] = 0
+                for arr in arrays.values():
+                    arr.flush()
+                if failures:
+                    with open(folder / FAILURES_LOG, "a", encoding="utf-8") as fh:
+                        fh.writelines(f"{f.index}\t{f.path}\t{f.reason}\n" for f in failures)
+                meta["failures"] = [f for f in meta["failures"] if not start <= f["index"] < stop] + [
+                    {"index": f.index, "path": f.path, "reason": f.reason} for f in failures
+                ]
+                if stop >= n and not arrays["valid"][:].any():
+                    # leave the last chunk uncommitted: a fixed corpus can resume instead of reusing nothing
+                    raise FeatureCacheError(
+                        f"none of the {n} images could be loaded (see {folder / FAILURES_LOG}); "
+                        f"e.g. {failures[-1].path if failures else '?'}: {failures[-1].reason if failures else ''}"
+                    )
+                meta["completed"] = stop
+                meta["complete"] = stop >= n
+                atomic_write_json(meta_path, meta)  # the commit point of this chunk
+                start = stop
+        finally:
+            bar.close()
+            if was_training and hasattr(backbone, "train"):
+                backbone.train()
+        del arrays
+        if meta["failures"]:
+            logger.warning(
+                "%d of %d images could not be loaded and are marked invalid (see %s)",
+                len(meta["failures"]), n, folder / FAILURES_LOG,
+            )
+        return cls.open(folder, backbone_key=key["backbone"])
+
+
+# ------------------------------------------------------------------------ helpers
+def _encode(
+    backbone: Any,
+    pixels: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    grid: Optional[Tuple[int, int]],
+    with_patches: bool,
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Run the backbone on a batch; returns float16 pooled [B, D] and pooled patches [B, P, D]."""
+    with torch.no_grad():
+        if with_patches:
+            feats = backbone.encode_image(pixels.to(device=device, dtype=dtype))
+        else:
+            feats = backbone.encode_image(pixels.to(device=device, dtype=dtype), with_patches=False)
+    pooled = feats.pooled.float().cpu().to(torch.float16).numpy()
+    if not with_patches:
+        return pooled, None
+    if feats.patches is None:
+        raise FeatureCacheError("the backbone returned no patch tokens; build with with_patches=False")
+    patches = pool_patches(feats.patches.float(), tuple(backbone.patch_grid), grid)
+    return pooled, patches.cpu().to(torch.float16).numpy()
+
+
+def _check_finite(pooled: np.ndarray, patches: Optional[np.ndarray], rows: np.ndarray, source: ImageSource) -> None:
+    bad = ~np.isfinite(pooled).all(axis=1)
+    if patches is not None:
+        bad |= ~np.isfinite(patches).all(axis=(1, 2))
+    if bad.any():
+        first = int(rows[np.flatnonzero(bad)[0]])
+        raise FeatureCacheError(
+            f"non-finite features (NaN, or overflow in float16) for {int(bad.sum())} image(s), "
+            f"e.g. #{first} {source.describe(first)}"
+        )
+
+
+def _check_disk_space(cache_dir: Path, needed: int) -> None:
+    probe = cache_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise FeatureCacheError(
+            f"the feature cache needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free under {probe}; "
+            "use a coarser patch_grid (e.g. 2) or another cache_dir"
+        )
+
+
+def _read_meta(folder: Path) -> Dict[str, Any]:
+    path = folder / META_NAME
+    if not folder.is_dir():
+        raise FeatureCacheError(f"feature cache folder not found: {folder}")
+    if not path.is_file():
+        raise FeatureCacheError(f"{folder} is not a feature cache (no {META_NAME})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FeatureCacheError(f"{path}: invalid JSON ({err})") from None
+    for field in ("key", "digest", "embed_dim", "patch_count", "completed", "complete", "chunk_size"):
+        if field not in meta:
+            raise FeatureCacheError(f"{path}: missing field {field!r}")
+    version = meta["key"].get("format_version")
+    if version != FORMAT_VERSION:
+        raise FeatureCacheError(f"{path}: format version {version}, this zscir reads version {FORMAT_VERSION}; rebuild")
+    return meta
+
+
+def _read_paths(folder: Path, count: int) -> List[str]:
+    path = folder / PATHS_NAME
+    try:
+        paths = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FeatureCacheError(f"{folder}: {PATHS_NAME} is missing") from None
+    except json.JSONDecodeError as err:
+        raise FeatureCacheError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(paths, list) or len(paths) != count:
+        raise FeatureCacheError(f"{path}: expected a list of {count} names")
+    return paths
+
+
+def _expected_shapes(meta: Dict[str, Any]) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    n, d, p = int(meta["key"]["count"]), int(meta["embed_dim"]), int(meta["patch_count"])
+    shapes = {"pooled": ((n, d), "float16"), "valid": ((n,), "bool")}
+    if meta["key"]["with_patches"]:
+        shapes["patches"] = ((n, p, d), "float16")
+    return shapes
+
+
+def _create_arrays(folder: Path, n: int, dim: int, patch_count: int, with_patches: bool) -> Dict[str, np.ndarray]:
+    meta_like = {"key": {"count": n, "with_patches": with_patches}, "embed_dim": dim, "patch_count": patch_count}
+    arrays = {}
+    for name, (shape, dtype) in _expected_shapes(meta_like).items():
+        arrays[name] = np.lib.format.open_memmap(folder / ARRAY_FILES[name], mode="w+", dtype=dtype, shape=shape)
+    return arrays
+
+
+def _open_arrays(folder: Path, meta: Dict[str, Any], mode: str) -> Dict[str, np.ndarray]:
+    arrays = {}
+    for name, (shape, dtype) in _expected_shapes(meta).items():
+        path = folder / ARRAY_FILES[name]
+        if not path.is_file():
+            raise FeatureCacheError(f"{folder}: {ARRAY_FILES[name]} is missing")
+        try:
+            arr = np.lib.format.open_memmap(path, mode=mode)
+        except (ValueError, OSError) as err:
+            raise FeatureCacheError(f"{path}: unreadable array file ({err})") from None
+        if tuple(arr.shape) != shape or arr.dtype != np.dtype(dtype):
+            raise FeatureCacheError(f"{path}: has {arr.dtype}{list(arr.shape)}, expected {dtype}{list(shape)}")
+        arrays[name] = arr
+    return arrays
+
+
+class CachedFeatureDataset(torch.utils.data.Dataset):
+    """Valid items of a feature cache as float32 tensors; memory maps are opened lazily in each worker."""
+
+    def __init__(self, folder: Union[str, os.PathLike], indices: np.ndarray) -> None:
+        self.folder = Path(folder)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self._arrays: Optional[Dict[str, np.ndarray]] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # never ship the mapped arrays to worker processes; each worker maps the files itself
+        state = dict(self.__dict__)
+        state["_arrays"] = None
+        return state
+
+    def _maps(self) -> Dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = _open_arrays(self.folder, _read_meta(self.folder), mode="r")
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        index = int(self.indices[i])
+        maps = self._maps()
+        item: Dict[str, Any] = {"pooled": torch.from_numpy(np.asarray(maps["pooled"][index], dtype=np.float32)), "index": index}
+        if "patches" in maps:
+            item["patches"] = torch.from_numpy(np.asarray(maps["patches"][index], dtype=np.float32))
+        return item

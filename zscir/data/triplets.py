@@ -1,0 +1,744 @@
+"""Synthetic triplet sets for Stage II: (reference image, modification text, target image or caption).
+
+A triplet set is read from one of three formats, all with the same fields:
+
+* **JSONL** (``.jsonl``, or ``.json`` holding JSON lines or one JSON array), one object per line::
+
+      {"reference": "images/a.png", "modification": "make it red", "target": "images/b.png", "kind": "color"}
+      {"reference": "images/c.png", "modification": "a wooden chair instead", "target_caption": "a wooden chair"}
+
+* **CSV** (``.csv``) with a header row naming the fields; empty cells are absent values.
+* **Hugging Face** ``datasets.Dataset`` (or a name / ``save_to_disk`` folder) with those
+  columns; image columns may hold paths or images (``datasets.Image`` features, PIL
+  images or encoded bytes), which are kept in memory and referred to by a
+  content id ``mem:<hash>``.
+
+Fields (strict: any other field is an error): ``reference`` (required),
+``modification`` (required, not blank), ``target`` (image), ``target_caption``,
+``kind`` and ``id`` (optional). At least one of ``target`` / ``target_caption``
+is required; when both are given the target image is the training target and
+the caption is kept alongside. Relative image paths are resolved against
+``image_root`` (default: the folder of the file). Every problem in a file (bad
+JSON, unknown fields, blank texts, missing images, ...) is collected and reported
+in one :class:`TripletFileError` that names the file and line of each.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence as SequenceABC
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union, overload
+
+from PIL import Image
+
+from ..checkpoint import atomic_write_bytes, atomic_write_text
+from ..registry import Registry
+from .generic import FileChecker
+from .images import ImageSource, load_image, to_rgb
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+#: Fields a triplet row may have, in output order.
+ALLOWED_FIELDS: Tuple[str, ...] = ("id", "reference", "modification", "target", "target_caption", "kind")
+REQUIRED_FIELDS: Tuple[str, ...] = ("reference", "modification")
+IMAGE_FIELDS: Tuple[str, ...] = ("reference", "target")
+#: Prefix of image references that live in memory (images stored inside a dataset), not on disk.
+MEMORY_PREFIX = "mem:"
+#: At most this many problems are printed in a TripletFileError; the rest are counted.
+MAX_PROBLEMS_SHOWN = 50
+#: open_clip's end-of-text token id, used when a tokenizer does not name its own.
+DEFAULT_EOT_ID = 49407
+
+MemoryImage = Union[bytes, Image.Image]
+
+__all__ = [
+    "ALLOWED_FIELDS",
+    "MEMORY_PREFIX",
+    "Triplet",
+    "TripletFileError",
+    "TripletSet",
+    "TripletFormat",
+    "TRIPLET_FORMATS",
+    "TripletImageSource",
+    "load_triplets",
+    "count_tokens",
+]
+
+
+class TripletFileError(ValueError):
+    """A triplet source has bad rows; the message lists every problem with its file and line."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        shown = "\n  ".join(self.problems[:MAX_PROBLEMS_SHOWN])
+        more = len(self.problems) - MAX_PROBLEMS_SHOWN
+        tail = f"\n  ... and {more} more problem(s)" if more > 0 else ""
+        super().__init__(f"{source}: {len(self.problems)} problem(s) found:\n  {shown}{tail}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Triplet:
+    """One training example: reference image, modification text, and a target image and/or caption."""
+
+    reference: str
+    modification: str
+    target: Optional[str] = None
+    target_caption: Optional[str] = None
+    kind: Optional[str] = None
+    line: int = 0
+    id: Optional[str] = None
+
+    @property
+    def has_target_image(self) -> bool:
+        """True when the training target is an image (it wins over a caption when both exist)."""
+        return self.target is not None
+
+    def to_dict(self) -> Dict[str, str]:
+        """The row as written to JSONL: set fields only, no line number."""
+        return {name: getattr(self, name) for name in ALLOWED_FIELDS if getattr(self, name) is not None}
+
+
+# ------------------------------------------------------------------------- tokens
+def count_tokens(tokenizer: Any, texts: Sequence[str], limit: int) -> List[int]:
+    """Token counts (start and end-of-text included) of `texts`, exact up to `limit`; longer texts report limit + 1.
+
+    `tokenizer` is open_clip-style: ``tokenizer(texts, context_length=n)`` returns
+    ids [B, n] with an end-of-text token (``tokenizer.eot_token_id``, default 49407).
+    """
+    if not texts:
+        return []
+    probe = limit + 1
+    ids = tokenizer(list(texts), context_length=probe)
+    eot = int(getattr(tokenizer, "eot_token_id", DEFAULT_EOT_ID))
+    counts = []
+    for row in ids.tolist():
+        try:
+            n = row.index(eot) + 1
+        except ValueError:  # no end token: the tokenizer cut it off, so the text is too long
+            n = probe
+        # a truncating tokenizer puts the end token in the last slot, so a full row means "too long"
+        counts.append(n if n < probe else probe)
+    return counts
+
+
+def _fit_text(tokenizer: Any, text: str, limit: int) -> str:
+    """The longest word prefix of `text` with at most `limit` tokens (characters of the first word if none fits)."""
+    words = text.split()
+
+    def fits(candidate: str) -> bool:
+        return count_tokens(tokenizer, [candidate], limit)[0] <= limit
+
+    lo, hi = 0, len(words) - 1  # the answer k lies in [lo, hi]: the whole text is known not to fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(" ".join(words[:mid])):
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo > 0:
+        return " ".join(words[:lo])
+    first = words[0]  # a single giant word (a URL, a run of symbols): cut by characters
+    lo, hi = 1, len(first) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(first[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return first[:lo]
+
+
+# ------------------------------------------------------------------ in-memory images
+def _memory_ref(data: MemoryImage) -> str:
+    """A content id for an in-memory image, so identical images share one reference."""
+    h = hashlib.sha256()
+    if isinstance(data, Image.Image):
+        h.update(f"pil\n{data.mode}\n{data.size}\n".encode())
+        h.update(data.tobytes())
+    else:
+        h.update(b"bytes\n")
+        h.update(bytes(data))
+    return MEMORY_PREFIX + h.hexdigest()[:20]
+
+
+class TripletImageSource(ImageSource):
+    """The images of a triplet set (files and in-memory images) as an :class:`ImageSource`."""
+
+    def __init__(self, triplets: "TripletSet", refs: Sequence[str]) -> None:
+        self.triplets = triplets
+        self.refs = list(refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def load(self, index: int) -> Image.Image:
+        """Decode image `index` to RGB (ImageLoadError names it on failure)."""
+        return self.triplets.open_image(self.refs[index])
+
+    def describe(self, index: int) -> str:
+        """The resolved path, or the ``mem:`` id of an in-memory image."""
+        ref = self.refs[index]
+        return ref if ref.startswith(MEMORY_PREFIX) else str(self.triplets.image_path(ref))
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the resolved paths and content ids."""
+        h = hashlib.sha256(b"triplet-images\n")
+        for i in range(len(self)):
+            h.update(self.describe(i).encode("utf-8", "surrogateescape") + b"\n")
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- the set
+class TripletSet(SequenceABC):
+    """A sequence of :class:`Triplet` plus where their images live (`root`, in-memory images)."""
+
+    def __init__(
+        self,
+        triplets: Iterable[Triplet],
+        root: Optional[PathLike] = None,
+        source: str = "<memory>",
+        memory_images: Optional[Dict[str, MemoryImage]] = None,
+    ) -> None:
+        self.triplets: List[Triplet] = list(triplets)
+        self.root: Optional[Path] = Path(root) if root is not None else None
+        self.source = source
+        self.memory_images: Dict[str, MemoryImage] = dict(memory_images or {})
+        #: how many texts :meth:`truncate_to_context` shortened
+        self.num_truncated = 0
+        #: positions whose modification text :meth:`corrupt` replaced
+        self.corrupted: Tuple[int, ...] = ()
+
+    # sequence protocol
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    @overload
+    def __getitem__(self, index: int) -> Triplet: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> "TripletSet": ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._derive(self.triplets[index])
+        return self.triplets[index]
+
+    def __repr__(self) -> str:
+        return f"TripletSet({len(self)} triplets from {self.source}, root={self.root})"
+
+    def _derive(self, triplets: Iterable[Triplet]) -> "TripletSet":
+        out = TripletSet(triplets, self.root, self.source, self.memory_images)
+        out.num_truncated = self.num_truncated
+        return out
+
+    # images
+    def image_path(self, ref: str) -> Path:
+        """The file of an image reference (relative references are resolved against `root`)."""
+        if ref.startswith(MEMORY_PREFIX):
+            raise ValueError(f"image {ref!r} is held in memory, not in a file; use open_image()")
+        path = Path(ref)
+        if path.is_absolute() or self.root is None:
+            return path
+        return self.root / path
+
+    def open_image(self, ref: str) -> Image.Image:
+        """Decode the image behind a reference (file or in-memory) to RGB."""
+        if ref.startswith(MEMORY_PREFIX):
+            try:
+                data = self.memory_images[ref]
+            except KeyError:
+                raise KeyError(f"in-memory image {ref!r} is not part of {self.source}") from None
+            if isinstance(data, Image.Image):
+                return to_rgb(data.copy())
+            return load_image(data, name=ref)
+        return load_image(self.image_path(ref))
+
+    def image_refs(self) -> List[str]:
+        """Every distinct image reference (references and target images), in order of first appearance."""
+        seen: Dict[str, None] = {}
+        for t in self.triplets:
+            seen.setdefault(t.reference, None)
+            if t.target is not None:
+                seen.setdefault(t.target, None)
+        return list(seen)
+
+    def image_source(self, refs: Optional[Sequence[str]] = None) -> TripletImageSource:
+        """An :class:`ImageSource` over `refs` (default: :meth:`image_refs`), e.g. for feature caching."""
+        return TripletImageSource(self, self.image_refs() if refs is None else refs)
+
+    # validation
+    def problems(self, check_images: bool = True, where: Optional[Callable[[Triplet], str]] = None) -> List[str]:
+        """Every semantic problem of the rows (blank texts, no target, duplicate ids, missing images)."""
+        where = where or (lambda t: f"{self.source}:{t.line}")
+        out: List[str] = []
+        checker = FileChecker()
+        ids: Dict[str, int] = {}
+        for t in self.triplets:
+            at = where(t)
+            if not isinstance(t.reference, str) or not t.reference.strip():
+                out.append(f"{at}: field 'reference' is empty")
+            if not isinstance(t.modification, str) or not t.modification.strip():
+                out.append(f"{at}: field 'modification' is empty or whitespace only")
+            if t.target is None and t.target_caption is None:
+                out.append(f"{at}: neither 'target' nor 'target_caption' is given (one is required)")
+            if t.target_caption is not None and not t.target_caption.strip():
+                out.append(f"{at}: field 'target_caption' is whitespace only")
+            if t.id is not None:
+                if t.id in ids:
+                    out.append(f"{at}: duplicate id {t.id!r} (first used at line {ids[t.id]})")
+                else:
+                    ids[t.id] = t.line
+            for name in IMAGE_FIELDS:
+                ref = getattr(t, name)
+                if not ref or not isinstance(ref, str):
+                    continue
+                if ref.startswith(MEMORY_PREFIX):
+                    if ref not in self.memory_images:
+                        out.append(f"{at}: {name} {ref!r} names an in-memory image that this set does not hold")
+                elif check_images:
+                    path = self.image_path(ref)
+                    if not checker.exists(path):
+                        out.append(f"{at}: {name} image not found: {path}")
+        return out
+
+    def validate(self, check_images: bool = True) -> "TripletSet":
+        """Raise :class:`TripletFileError` listing every problem; return self when there are none."""
+        problems = self.problems(check_images)
+        if not self.triplets:
+            problems.append(f"{self.source}: no triplets")
+        if problems:
+            raise TripletFileError(self.source, problems)
+        return self
+
+    # transformations
+    def truncate_to_context(
+        self,
+        tokenizer: Any,
+        context_length: int,
+        prompt_overhead: int = 0,
+        caption_overhead: int = 0,
+    ) -> "TripletSet":
+        """A copy whose texts fit the text tower: cut by words until tokens + overhead <= context_length.
+
+        A modification text may use ``context_length - prompt_overhead`` tokens,
+        a target caption ``context_length - caption_overhead`` (token counts
+        include the start and end-of-text tokens; the overheads are the tokens the
+        surrounding prompt adds, pseudo-word slots included). One warning reports
+        how many texts were shortened; the copy records it in ``num_truncated``.
+        """
+        limits = {"modification": context_length - prompt_overhead, "target_caption": context_length - caption_overhead}
+        for name, limit in limits.items():
+            if limit < 3:  # start + at least one token + end
+                raise ValueError(
+                    f"context_length={context_length} leaves {limit} token(s) for {name} after the prompt overhead; "
+                    "at least 3 are needed"
+                )
+        new_texts: Dict[Tuple[int, str], str] = {}
+        for name, limit in limits.items():
+            positions = [i for i, t in enumerate(self.triplets) if getattr(t, name) is not None]
+            texts = [getattr(self.triplets[i], name) for i in positions]
+            for i, text, n in zip(positions, texts, count_tokens(tokenizer, texts, limit)):
+                if n > limit:
+                    new_texts[(i, name)] = _fit_text(tokenizer, text, limit)
+        rows = list(self.triplets)
+        for (i, name), text in new_texts.items():
+            rows[i] = dataclasses.replace(rows[i], **{name: text})
+        out = self._derive(rows)
+        out.num_truncated = self.num_truncated + len(new_texts)
+        out.corrupted = self.corrupted
+        if new_texts:
+            lines = sorted({rows[i].line for i, _ in new_texts})
+            logger.warning(
+                "%s: truncated %d over-long text(s) in %d triplet(s) to fit context length %d "
+                "(prompt overhead %d, caption overhead %d); first lines: %s",
+                self.source, len(new_texts), len(lines), context_length, prompt_overhead, caption_overhead,
+                lines[:10],
+            )
+        return out
+
+    def corrupt(self, fraction: float, seed: int = 0) -> "TripletSet":
+        """A copy where `fraction` of the modification texts are replaced by other triplets' texts (deterministic)."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        count = int(round(fraction * len(self)))
+        out = self._derive(self.triplets)
+        if count == 0:
+            return out
+        distinct = sorted({t.modification for t in self.triplets})
+        if len(distinct) < 2:
+            raise ValueError(f"cannot corrupt {self.source}: all modification texts are identical")
+        rng = random.Random(f"corrupt:{seed}")
+        chosen = sorted(rng.sample(range(len(self)), count))
+        rows = list(self.triplets)
+        for i in chosen:
+            own = rows[i].modification
+            for _ in range(64):  # a random other triplet; retry when it happens to share the text
+                j = rng.randrange(len(self))
+                if j != i and self.triplets[j].modification != own:
+                    text = self.triplets[j].modification
+                    break
+            else:  # texts are mostly identical: pick among the distinct other texts directly
+                text = rng.choice([d for d in distinct if d != own])
+            rows[i] = dataclasses.replace(rows[i], modification=text)
+        out.triplets = rows
+        out.corrupted = tuple(chosen)
+        return out
+
+    # output
+    def to_jsonl(
+        self,
+        path: PathLike,
+        relative_to: Optional[PathLike] = None,
+        image_dir: Optional[PathLike] = None,
+    ) -> Path:
+        """Write the set as JSONL (atomically) that :func:`load_triplets` reads back without an image root.
+
+        Image paths are written relative to `relative_to` (default: the folder of
+        `path`) where possible. In-memory images are saved as PNG files into
+        `image_dir` (default: ``<stem>_images`` next to `path`).
+        """
+        path = Path(path)
+        base = Path(relative_to) if relative_to is not None else path.parent
+        base_abs = Path(os.path.abspath(base))
+        memory_dir = Path(image_dir) if image_dir is not None else path.parent / f"{path.stem}_images"
+        written: Dict[str, str] = {}
+
+        def place(ref: Optional[str]) -> Optional[str]:
+            if ref is None:
+                return None
+            if ref in written:
+                return written[ref]
+            if ref.startswith(MEMORY_PREFIX):
+                file = memory_dir / f"{ref[len(MEMORY_PREFIX):]}.png"
+                buf = io.BytesIO()
+                self.open_image(ref).save(buf, format="PNG")
+                atomic_write_bytes(file, buf.getvalue())
+                target = Path(os.path.abspath(file))
+            else:
+                target = Path(os.path.abspath(self.image_path(ref)))
+            try:
+                rel = os.path.relpath(target, base_abs)
+            except ValueError:  # another drive (Windows): keep the absolute path
+                rel = str(target)
+            written[ref] = Path(rel).as_posix()
+            return written[ref]
+
+        lines = []
+        for t in self.triplets:
+            row = dataclasses.replace(t, reference=place(t.reference), target=place(t.target)).to_dict()
+            lines.append(json.dumps(row, ensure_ascii=False))
+        atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+        return path
+
+    # loaders
+    @classmethod
+    def from_jsonl(cls, path: PathLike, image_root: Optional[PathLike] = None, check_images: bool = True) -> "TripletSet":
+        """Read JSON lines (or a JSON array) of triplet objects, validating every row."""
+        return _load_jsonl(Path(path), image_root, check_images)
+
+    @classmethod
+    def from_csv(cls, path: PathLike, image_root: Optional[PathLike] = None, check_images: bool = True) -> "TripletSet":
+        """Read a CSV file whose header row names the triplet fields, validating every row."""
+        return _load_csv(Path(path), image_root, check_images)
+
+    @classmethod
+    def from_hf(
+        cls,
+        dataset_or_name: Any,
+        split: str = "train",
+        image_root: Optional[PathLike] = None,
+        check_images: bool = True,
+    ) -> "TripletSet":
+        """Read a Hugging Face dataset (object, hub name or ``save_to_disk`` folder) with triplet columns."""
+        return _load_hf(dataset_or_name, split, image_root, check_images)
+
+
+# ---------------------------------------------------------------------- parsing
+def _clean_optional(value: Optional[str]) -> Optional[str]:
+    """Empty optional values count as absent (CSV cannot tell empty from missing)."""
+    if value is None or (isinstance(value, str) and value == ""):
+        return None
+    return value
+
+
+def _row_to_triplet(row: Dict[str, Any], at: str, line: int, problems: List[str]) -> Optional[Triplet]:
+    """Check field names and types of one raw row and build a Triplet (None when the row is unusable)."""
+    if not isinstance(row, dict):
+        problems.append(f"{at}: expected a JSON object, got {type(row).__name__}")
+        return None
+    unknown = sorted(set(row) - set(ALLOWED_FIELDS))
+    if unknown:
+        problems.append(f"{at}: unknown field(s) {unknown}; allowed fields: {list(ALLOWED_FIELDS)}")
+    ok = True
+    values: Dict[str, Optional[str]] = {}
+    for name in ALLOWED_FIELDS:
+        value = row.get(name)
+        if name == "id" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{at}: field {name!r} must be a string, got {type(value).__name__} {value!r}")
+            ok = False
+            continue
+        values[name] = value
+    for name in REQUIRED_FIELDS:
+        if name in values and values[name] is None:
+            problems.append(f"{at}: required field {name!r} is missing")
+            ok = False
+    if not ok:
+        return None
+    return Triplet(
+        reference=values["reference"],
+        modification=values["modification"],
+        target=_clean_optional(values.get("target")),
+        target_caption=_clean_optional(values.get("target_caption")),
+        kind=_clean_optional(values.get("kind")),
+        line=line,
+        id=_clean_optional(values.get("id")),
+    )
+
+
+def _finish(triplets: List[Triplet], problems: List[str], source: str, root: Optional[Path],
+            check_images: bool, memory: Optional[Dict[str, MemoryImage]] = None,
+            where: Optional[Callable[[Triplet], str]] = None) -> TripletSet:
+    """Run the semantic checks and raise one error with every problem, or return the set."""
+    out = TripletSet(triplets, root, source, memory)
+    problems = problems + out.problems(check_images, where)
+    if not triplets and not problems:
+        problems.append("no triplets found")
+    if problems:
+        raise TripletFileError(source, problems)
+    return out
+
+
+def _read_lines(path: Path) -> List[Tuple[int, str]]:
+    """(line number, text) of every non-blank line; undecodable lines raise one error listing them."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"triplet file not found: {path}") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    out, bad = [], []
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad.append(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})")
+            continue
+        if text.strip():
+            out.append((lineno, text))
+    if bad:
+        raise TripletFileError(str(path), bad)
+    return out
+
+
+def _load_jsonl(path: Path, image_root: Optional[PathLike], check_images: bool) -> TripletSet:
+    lines = _read_lines(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    problems: List[str] = []
+    triplets: List[Triplet] = []
+    if lines and lines[0][1].lstrip().startswith("["):  # a JSON array: rows are numbered by item
+        try:
+            items = json.loads("\n".join(text for _, text in lines))
+        except json.JSONDecodeError as err:
+            raise TripletFileError(str(path), [f"{path}:{err.lineno}: invalid JSON ({err.msg})"]) from None
+        if not isinstance(items, list):
+            raise TripletFileError(str(path), [f"{path}: expected a JSON array of objects"])
+        for index, item in enumerate(items, 1):
+            t = _row_to_triplet(item, f"{path}: item {index}", index, problems)
+            if t is not None:
+                triplets.append(t)
+        where = lambda t: f"{path}: item {t.line}"  # noqa: E731
+        return _finish(triplets, problems, str(path), root, check_images, where=where)
+    for lineno, text in lines:
+        at = f"{path}:{lineno}"
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            problems.append(f"{at}: invalid JSON ({err.msg} at column {err.colno})")
+            continue
+        t = _row_to_triplet(row, at, lineno, problems)
+        if t is not None:
+            triplets.append(t)
+    return _finish(triplets, problems, str(path), root, check_images)
+
+
+def _check_columns(columns: Sequence[str], at: str) -> List[str]:
+    """Problems with a header / column list: unknown, duplicate or missing required names."""
+    problems = []
+    unknown = [c for c in columns if c not in ALLOWED_FIELDS]
+    if unknown:
+        problems.append(f"{at}: unknown column(s) {unknown}; allowed columns: {list(ALLOWED_FIELDS)}")
+    dupes = sorted({c for c in columns if list(columns).count(c) > 1})
+    if dupes:
+        problems.append(f"{at}: duplicate column(s) {dupes}")
+    missing = [c for c in REQUIRED_FIELDS if c not in columns]
+    if missing:
+        problems.append(f"{at}: missing required column(s) {missing}")
+    if "target" not in columns and "target_caption" not in columns:
+        problems.append(f"{at}: needs a 'target' or a 'target_caption' column")
+    return problems
+
+
+def _load_csv(path: Path, image_root: Optional[PathLike], check_images: bool) -> TripletSet:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"triplet file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise TripletFileError(str(path), [f"{path}:{line}: not valid UTF-8 ({err.reason})"]) from None
+    root = Path(image_root) if image_root is not None else path.parent
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise TripletFileError(str(path), [f"{path}: empty file (expected a header row with {list(ALLOWED_FIELDS)})"]) from None
+    except csv.Error as err:
+        raise TripletFileError(str(path), [f"{path}:1: unreadable CSV header ({err})"]) from None
+    header_problems = _check_columns(header, f"{path}:1 (header)")
+    if header_problems:
+        raise TripletFileError(str(path), header_problems)
+    problems: List[str] = []
+    triplets: List[Triplet] = []
+    start = reader.line_num + 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            problems.append(f"{path}:{reader.line_num}: unreadable CSV row ({err})")
+            break
+        lineno, start = start, reader.line_num + 1  # a quoted cell may span several lines: report the first
+        if not any(c.strip() for c in cells):
+            continue
+        at = f"{path}:{lineno}"
+        if len(cells) != len(header):
+            problems.append(f"{at}: {len(cells)} cell(s) but the header has {len(header)} column(s)")
+            continue
+        t = _row_to_triplet(dict(zip(header, cells)), at, lineno, problems)
+        if t is not None:
+            triplets.append(t)
+    return _finish(triplets, problems, str(path), root, check_images)
+
+
+def _hf_dataset(dataset_or_name: Any, split: str) -> Tuple[Any, str]:
+    """Resolve a Dataset / DatasetDict / saved folder / hub name to one map-style split and a label."""
+    import datasets
+
+    label = f"dataset[{split}]"
+    obj = dataset_or_name
+    if isinstance(obj, (str, os.PathLike)):
+        label = f"{obj}[{split}]"
+        if Path(obj).is_dir() and (
+            (Path(obj) / "dataset_info.json").exists() or (Path(obj) / "dataset_dict.json").exists()
+            or (Path(obj) / "state.json").exists()
+        ):
+            obj = datasets.load_from_disk(str(obj))
+        else:
+            obj = datasets.load_dataset(str(obj), split=split)
+    if isinstance(obj, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        raise TypeError("TripletSet.from_hf needs a map-style datasets.Dataset, not a streaming IterableDataset")
+    if isinstance(obj, datasets.DatasetDict):
+        if split not in obj:
+            raise KeyError(f"{label}: no split {split!r}; splits: {sorted(obj)}")
+        obj = obj[split]
+    if not isinstance(obj, datasets.Dataset):
+        raise TypeError(f"expected a datasets.Dataset, DatasetDict, folder or name, got {type(obj).__name__}")
+    return obj, label
+
+
+def _load_hf(dataset_or_name: Any, split: str, image_root: Optional[PathLike], check_images: bool) -> TripletSet:
+    import datasets
+
+    ds, label = _hf_dataset(dataset_or_name, split)
+    header = _check_columns(ds.column_names, f"{label} (columns)")
+    if header:
+        raise TripletFileError(label, header)
+    for name in IMAGE_FIELDS:
+        # encoded bytes are smaller than decoded images and corrupt ones fail later with a name, not here
+        if name in ds.column_names and isinstance(ds.features[name], datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    memory: Dict[str, MemoryImage] = {}
+    problems: List[str] = []
+    triplets: List[Triplet] = []
+    for index, row in enumerate(ds):
+        line = index + 1
+        at = f"{label} row {line}"
+        row = dict(row)
+        for name in IMAGE_FIELDS:
+            if name not in row:
+                continue
+            value = row[name]
+            if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
+                value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+            if isinstance(value, (bytes, bytearray, Image.Image)):
+                if isinstance(value, (bytes, bytearray)) and not value:
+                    problems.append(f"{at}: {name} image bytes are empty")
+                    value = None
+                else:
+                    ref = _memory_ref(value)
+                    memory.setdefault(ref, bytes(value) if isinstance(value, bytearray) else value)
+                    value = ref
+            elif isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            row[name] = value
+        t = _row_to_triplet(row, at, line, problems)
+        if t is not None:
+            triplets.append(t)
+    root = Path(image_root) if image_root is not None else None
+    return _finish(triplets, problems, label, root, check_images, memory, where=lambda t: f"{label} row {t.line}")
+
+
+# ---------------------------------------------------------------------- dispatch
+class TripletFormat(NamedTuple):
+    """A triplet source format: the file suffixes it claims and its loader."""
+
+    suffixes: Tuple[str, ...]
+    load: Callable[..., TripletSet]
+
+
+TRIPLET_FORMATS: Registry[TripletFormat] = Registry("triplet format")
+TRIPLET_FORMATS.add("jsonl", TripletFormat((".jsonl", ".json"), lambda src, root, check, split: _load_jsonl(Path(src), root, check)))
+TRIPLET_FORMATS.add("csv", TripletFormat((".csv",), lambda src, root, check, split: _load_csv(Path(src), root, check)))
+TRIPLET_FORMATS.add("hf", TripletFormat((), lambda src, root, check, split: _load_hf(src, split, root, check)))
+
+
+def _detect_format(source: Any) -> str:
+    """The registered format name for a path (by suffix; folders are saved datasets) or a dataset object."""
+    if not isinstance(source, (str, os.PathLike)):
+        return "hf"
+    path = Path(source)
+    if path.is_dir():
+        return "hf"
+    suffix = path.suffix.lower()
+    for name in TRIPLET_FORMATS.names():
+        if suffix in TRIPLET_FORMATS.get(name).suffixes:
+            return name
+    known = sorted(s for n in TRIPLET_FORMATS.names() for s in TRIPLET_FORMATS.get(n).suffixes)
+    raise ValueError(
+        f"cannot tell the triplet format of {path} from its suffix {suffix!r}; use one of {known}, "
+        "a saved Hugging Face dataset folder, or pass format="
+    )
+
+
+def load_triplets(
+    source: Any,
+    image_root: Optional[PathLike] = None,
+    check_images: bool = True,
+    format: Optional[str] = None,
+    split: str = "train",
+) -> TripletSet:
+    """Load a triplet set from a .jsonl/.json/.csv file, a saved dataset folder or a ``datasets.Dataset``."""
+    name = format or _detect_format(source)
+    return TRIPLET_FORMATS.get(name).load(source, image_root, check_images, split)

@@ -1,0 +1,314 @@
+"""``zscir demo``: the whole TSCIR pipeline, offline, on the built-in shapes world.
+
+1. generate the shapes world; pretrain (or reuse the cached) tiny CLIP;
+2. Stage I on unlabeled world images: zscir (multi-token phi with visual
+   semantic injection + soft text alignment) and the Pic2Word-style and
+   SEARLE-style single-token baselines;
+3. a small synthetic triplet set in the *training* phrasing family; Stage II
+   (composing adapters with hard negatives);
+4. zero-shot evaluation on held-out triplets in the *held-out* phrasing family.
+
+Writes ``results.json``, the trained model folder (``model/``, loadable with
+``Composer.from_pretrained``), ``examples.png`` (queries and their top 5) and
+``training_curves.png``. Finished parts are kept in the output folder, so a
+run that was interrupted (Ctrl-C) continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from .checkpoint import atomic_write_json
+from .composer import Composer
+from .config import Config
+from .models.adapters import AdapterConfig
+from .models.phi import PhiConfig
+from .train.engine import TrainConfig
+
+logger = logging.getLogger(__name__)
+RUN_FILE = "demo_run.json"
+
+
+@dataclasses.dataclass
+class DemoConfig(Config):
+    """Sizes of one demo run (``--fast`` shrinks them)."""
+
+    seed: int = 0
+    clip_preset: str = "default"
+    stage1_images: int = 20_000
+    stage1_steps: int = 400
+    num_triplets: int = 2_000
+    stage2_steps: int = 600
+    eval_queries: int = 1_000
+    num_tokens: int = 4
+
+
+PRESETS = {
+    "default": DemoConfig(),
+    "fast": DemoConfig(clip_preset="fast", stage1_images=8_000, stage1_steps=200, num_triplets=1_000,
+                       stage2_steps=250, eval_queries=500),
+}
+
+
+def stage1_variants(cfg: DemoConfig) -> Dict[str, Any]:
+    """The Stage-I rows of the table: name -> (phi config, loss, concept weight)."""
+    return {
+        "Pic2Word-style": (PhiConfig(num_tokens=1, use_vsi=False, dropout=0.1), "hard", 0.0),
+        "SEARLE-style": (PhiConfig(num_tokens=1, use_vsi=False, dropout=0.5), "hard", 0.0),
+        "zscir Stage I": (PhiConfig(num_tokens=cfg.num_tokens, use_vsi=True), "soft", 1.0),
+    }
+
+
+class OutputFolder:
+    """The demo's output folder: refuses another run's folder unless overwriting; reports disk errors clearly."""
+
+    def __init__(self, path: Path, settings: Dict[str, Any], overwrite: bool) -> None:
+        self.path = path
+        run_file = path / RUN_FILE
+        if path.exists() and any(path.iterdir()):
+            same = run_file.is_file() and _read_json(run_file) == settings
+            if not same and not overwrite:
+                raise FileExistsError(
+                    f"{path} is not empty and holds another run (or other files); "
+                    "pass --overwrite to replace it, or choose another --out"
+                )
+            if not same:
+                shutil.rmtree(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_file, settings)
+        except OSError as err:
+            raise _disk_error(err, path) from None
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _disk_error(err: OSError, path: Path) -> OSError:
+    if err.errno == errno.ENOSPC:
+        return OSError(f"the disk holding {path} is full; free some space or choose another --out")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OSError(f"cannot write to {path} (read-only or no permission); choose another --out")
+    return err
+
+
+def _stage(name: str) -> None:
+    print(f"\n== {name}", flush=True)
+
+
+def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool = True,
+             cache_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """Run (or continue) the demo in `out`; return the results dict that is also written to results.json."""
+    from .data.shapes import ShapesWorld, ShapesWorldConfig
+    from .eval.shapes_eval import (ShapesBenchmark, composer_encoder, image_only, image_plus_text,
+                                   inversion_recall, text_only)
+    from .train.clip_pretrain import pretrained_tiny_clip
+    from .train.stage1 import Stage1Config, shapes_features, train_stage1
+    from .train.stage2 import Stage2Config, train_stage2
+    from .train.stage2 import shapes_triplet_features
+
+    start = time.time()
+    torch.manual_seed(cfg.seed)
+    folder = OutputFolder(out, cfg.to_dict(), overwrite)
+    timings: Dict[str, float] = {}
+
+    _stage("tiny CLIP (shapes world)")
+    t = time.time()
+    clip_dir, clip_report = pretrained_tiny_clip(cfg.clip_preset, cache_dir=cache_dir, progress=progress, seed=cfg.seed)
+    timings["tiny_clip"] = time.time() - t
+    ev = clip_report["heldout_text_to_image"]
+    print(f"tiny CLIP {clip_dir}\n  held-out text->image R@1 {ev['R@1']:.3f}  R@5 {ev['R@5']:.3f} "
+          f"(trained in {clip_report['train_seconds']:.0f}s; this run {timings['tiny_clip']:.0f}s)")
+
+    world = ShapesWorld(ShapesWorldConfig(seed=cfg.seed, image_size=64))
+    base = Composer.from_clip(str(clip_dir))
+    bb = base.backbone
+
+    _stage("Stage I (mapping) on unlabeled images")
+    t = time.time()
+    features = shapes_features(base, world.scenes(cfg.stage1_images, stream="stage1"), 64, progress=progress)
+    stage1: Dict[str, Composer] = {}
+    curves: Dict[str, List[Dict[str, float]]] = {}
+    for name, (phi, loss, concept_weight) in stage1_variants(cfg).items():
+        slug = name.lower().replace(" ", "_").replace("-", "_")
+        model_dir = folder / f"stage1_{slug}" / "model"
+        if (model_dir / "config.json").is_file():
+            stage1[name] = Composer.from_pretrained(model_dir)
+            curves[name] = _read_json(folder / f"stage1_{slug}" / "history.json") or []
+            print(f"  {name}: reusing {model_dir}")
+            continue
+        torch.manual_seed(cfg.seed)
+        comp = Composer.from_clip(str(clip_dir), phi=phi)
+        s1 = Stage1Config(phi=comp.phi.config, loss=loss, concept_weight=concept_weight,
+                          train=TrainConfig(steps=cfg.stage1_steps, batch_size=128, lr=5e-4, warmup_steps=20,
+                                            seed=cfg.seed, save_every=100, log_every=10))
+        comp, result = train_stage1(comp, features, s1, output_dir=folder / f"stage1_{slug}",
+                                    concepts=world.concept_phrases(), resume=True, progress=progress)
+        atomic_write_json(folder / f"stage1_{slug}" / "history.json", result.history)
+        stage1[name] = comp
+        curves[name] = result.history
+    timings["stage1"] = time.time() - t
+
+    _stage("synthetic triplets (training phrasing) and Stage II (composing)")
+    t = time.time()
+    edits = world.make_triplets(cfg.num_triplets, family="train")
+    final_dir = folder / "model"
+    if (final_dir / "config.json").is_file():
+        stage2 = Composer.from_pretrained(final_dir)
+        curves["zscir Stage II"] = _read_json(folder / "stage2" / "history.json") or []
+        print(f"  reusing {final_dir}")
+    else:
+        comp = Composer.from_pretrained(folder / "stage1_zscir_stage_i" / "model")
+        trip = shapes_triplet_features(comp, edits, 64)
+        s2 = Stage2Config()
+        s2 = dataclasses.replace(s2, train=dataclasses.replace(s2.train, steps=cfg.stage2_steps, seed=cfg.seed,
+                                                               save_every=100, log_every=10))
+        stage2, result = train_stage2(comp, trip, s2, output_dir=folder / "stage2", resume=True, progress=progress)
+        atomic_write_json(folder / "stage2" / "history.json", result.history)
+        stage2.save_pretrained(final_dir)
+        curves["zscir Stage II"] = result.history
+    timings["stage2"] = time.time() - t
+
+    _stage("zero-shot evaluation (held-out phrasing family)")
+    t = time.time()
+    bench = ShapesBenchmark(bb, world, n_queries=cfg.eval_queries)
+    rows: Dict[str, Dict[str, Any]] = {}
+    methods: Dict[str, Callable] = {
+        "image only": image_only(bb),
+        "text only": text_only(bb),
+        "image + text sum": image_plus_text(bb),
+    }
+    methods.update({name: composer_encoder(c) for name, c in stage1.items()})
+    methods["zscir Stage II"] = composer_encoder(stage2)
+    for name, fn in methods.items():
+        rows[name] = bench.evaluate(fn)
+    inversion = {name: inversion_recall(c, c.backbone, world, n_images=min(1000, cfg.eval_queries))
+                 for name, c in stage1.items()}
+    timings["evaluation"] = time.time() - t
+    table = format_table(rows)
+    print(table)
+
+    _write_figures(folder, bench, stage2, curves)
+    results = {
+        "config": cfg.to_dict(),
+        "tiny_clip": {"folder": str(clip_dir), "heldout_text_to_image": ev, "train_seconds": clip_report["train_seconds"]},
+        "composed_retrieval": rows,
+        "inversion_R@1": {k: v["R@1"] for k, v in inversion.items()},
+        "eval_queries": len(bench),
+        "gallery_size": len(bench.gallery),
+        "timings_seconds": {**timings, "total": time.time() - start},
+        "model": str(final_dir),
+    }
+    atomic_write_json(folder / "results.json", results)
+    print(f"\nwrote {folder / 'results.json'}, {final_dir}, examples.png, training_curves.png "
+          f"({results['timings_seconds']['total']:.0f}s)")
+    return results
+
+
+def format_table(rows: Dict[str, Dict[str, Any]]) -> str:
+    """A fixed-width table of R@K and mean R@10 over modification kinds."""
+    cols = ["R@1", "R@5", "R@10", "R@50", "mean_R@10_over_kinds"]
+    head = f"{'method':<20}" + "".join(f"{c.replace('mean_R@10_over_kinds', 'mR@10 kinds'):>12}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        lines.append(f"{name:<20}" + "".join(f"{r[c]:>12.1f}" for c in cols))
+    return "\n".join(lines)
+
+
+def _write_figures(folder: OutputFolder, bench: Any, composer: Composer, curves: Dict[str, List[Dict[str, float]]]) -> None:
+    """examples.png (reference, text, top 5 with the target marked) and training_curves.png."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: skipping the PNG figures (pip install zscir[plot])")
+        return
+    from .data.shapes import render
+    from .eval.shapes_eval import composer_encoder
+
+    top = bench.rankings(composer_encoder(composer), k=5)
+    rows = list(range(0, len(bench), max(1, len(bench) // 6)))[:6]
+    fig, axes = plt.subplots(len(rows), 6, figsize=(12, 2.3 * len(rows)))
+    for r, qi in enumerate(rows):
+        q = bench.eval_set.queries[qi]
+        ax = axes[r, 0]
+        ax.imshow(render(bench.eval_set.gallery[q.reference_index], 128))
+        ax.set_title("reference", fontsize=8)
+        ax.set_xlabel(_wrap(q.text), fontsize=7)
+        positives = set(bench.positives[qi])
+        for c, gi in enumerate(top[qi].tolist()):
+            ax = axes[r, c + 1]
+            ax.imshow(render(bench.eval_set.gallery[gi], 128))
+            hit = gi in positives
+            ax.set_title(f"#{c + 1}{' TARGET' if hit else ''}", fontsize=8, color="green" if hit else "black")
+            for spine in ax.spines.values():
+                spine.set_edgecolor("green" if hit else "gray")
+                spine.set_linewidth(3 if hit else 0.5)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(folder / "examples.png", dpi=80)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, hist in curves.items():
+        if hist:
+            ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "training_curves.png", dpi=80)
+    plt.close(fig)
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if len(line) + len(w) + 1 > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return "\n".join(lines + [line])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI arguments of ``zscir demo``."""
+    parser.add_argument("--out", type=Path, default=Path("zscir-demo"), help="output folder (default: ./zscir-demo)")
+    parser.add_argument("--fast", action="store_true", help="a smaller, quicker run")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output folder from another run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where the tiny CLIP is cached")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``zscir demo``."""
+    cfg = dataclasses.replace(PRESETS["fast" if args.fast else "default"], seed=args.seed)
+    try:
+        run_demo(args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress, cache_dir=args.cache_dir)
+    except OSError as err:
+        if isinstance(err, FileExistsError):
+            raise
+        raise _disk_error(err, args.out) from None
+    return 0

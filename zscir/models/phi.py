@@ -1,0 +1,117 @@
+"""Stage I mapping network: CLIP image features -> pseudo-word token embeddings.
+
+Two switchable parts:
+
+* **global branch** (SEARLE-style MLP on the pooled image feature):
+  D -> hidden -> hidden -> token_dim with GELU and dropout. Alone, it emits
+  ``num_tokens`` tokens from one MLP (the last layer outputs num_tokens x token_dim).
+* **visual semantic injection (VSI)**: ``num_tokens`` learnable queries, shifted
+  by a projection of the global token (so they know *which* image they
+  describe), attend to the frozen CLIP patch tokens through small transformer
+  decoder layers (self-attention among queries, cross-attention to patches,
+  MLP). Fine detail that the pooled vector averages away (colour of a small
+  object, layout) can enter the tokens. With both parts on, each output token
+  is the global token plus its VSI residual.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import Config
+
+
+@dataclasses.dataclass
+class PhiConfig(Config):
+    """Sizes and switches of the phi-network."""
+
+    embed_dim: int = 128  # pooled CLIP image feature width (and patch-token width: patches are projected)
+    token_dim: int = 128  # token-embedding width of the text tower
+    num_tokens: int = 4
+    hidden_mult: int = 4
+    dropout: float = 0.1
+    use_global: bool = True
+    use_vsi: bool = True
+    vsi_layers: int = 2
+    vsi_heads: int = 4
+    vsi_width: int = 0  # 0: token_dim
+    max_patches: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens}")
+        if not (self.use_global or self.use_vsi):
+            raise ValueError("phi needs the global branch, VSI, or both (use_global and use_vsi are both False)")
+
+
+class _DecoderLayer(nn.Module):
+    """Pre-norm transformer decoder layer: self-attention, cross-attention to patches, MLP."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln_self = nn.LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.ln_q = nn.LayerNorm(width)
+        self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.ln_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width))
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Update queries q [B, n, w] from memory kv [B, N, w]."""
+        h = self.ln_self(q)
+        q = q + self.self_attn(h, h, h, need_weights=False)[0]
+        q = q + self.cross_attn(self.ln_q(q), kv, kv, need_weights=False)[0]
+        return q + self.mlp(self.ln_mlp(q))
+
+
+class PhiNetwork(nn.Module):
+    """Maps pooled image features [B, D] (+ patch tokens [B, N, D]) to pseudo tokens [B, n, token_dim]."""
+
+    def __init__(self, config: PhiConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        hidden = c.hidden_mult * c.embed_dim
+        out_tokens = 1 if c.use_vsi else c.num_tokens
+        if c.use_global:
+            self.global_mlp = nn.Sequential(
+                nn.Linear(c.embed_dim, hidden), nn.GELU(), nn.Dropout(c.dropout),
+                nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(c.dropout),
+                nn.Linear(hidden, out_tokens * c.token_dim),
+            )
+        if c.use_vsi:
+            w = c.vsi_width or c.token_dim
+            self.queries = nn.Parameter(torch.randn(c.num_tokens, w) * 0.02)
+            self.patch_proj = nn.Sequential(nn.Linear(c.embed_dim, w), nn.LayerNorm(w))
+            self.pooled_proj = nn.Linear(c.embed_dim, w)
+            self.layers = nn.ModuleList(_DecoderLayer(w, c.vsi_heads, c.dropout) for _ in range(c.vsi_layers))
+            self.ln_out = nn.LayerNorm(w)
+            self.out = nn.Linear(w, c.token_dim)
+            if c.use_global:
+                self.condition = nn.Linear(c.token_dim, w)
+
+    def forward(self, pooled: torch.Tensor, patches: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pseudo tokens [B, num_tokens, token_dim]."""
+        c = self.config
+        b = pooled.shape[0]
+        g = self.global_mlp(pooled).view(b, -1, c.token_dim) if c.use_global else None
+        if not c.use_vsi:
+            return g
+        if patches is None:
+            raise ValueError("phi with visual semantic injection needs the patch tokens (got patches=None)")
+        kv = self.patch_proj(patches)
+        q = self.queries.unsqueeze(0).expand(b, -1, -1) + self.pooled_proj(pooled).unsqueeze(1)
+        if g is not None:
+            q = q + self.condition(g)
+        for layer in self.layers:
+            q = layer(q, kv)
+        tokens = self.out(self.ln_out(q))
+        return tokens + g if g is not None else tokens
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        c = self.config
+        return (f"PhiNetwork(num_tokens={c.num_tokens}, global={c.use_global}, vsi={c.use_vsi}"
+                f"{f'x{c.vsi_layers}' if c.use_vsi else ''}, params={n / 1e6:.2f}M)")

@@ -1,0 +1,224 @@
+"""SPN's second stage (``zscir train-bank``): fine-tune the query side against a static image bank.
+
+Feng et al., "Improving Composed Image Retrieval via Contrastive Learning with
+Scaling Positives and Negatives" (ACM MM 2024) scale *negatives* in a second
+fine-tuning stage: the image side is frozen, every gallery/training image is
+encoded once into a static bank, and the query side is trained with InfoNCE
+whose denominator runs over the whole bank. (SPN's *positives*, image pairs
+from a mid-rank similarity window plus templates or an LLM, are the
+``similarity-pair`` mode of :mod:`zscir.data.triplet_gen`.)
+
+Here the stage is plain Stage II (:func:`zscir.train.stage2.train_stage2`, the
+shared engine: resumable, several GPUs) on an already trained Stage-II model
+with the ``bank`` component (:class:`zscir.train.components.BankNegatives`)
+switched on and the bank passed as the task's corpus. Trainable: the adapters
+(and phi with ``train_phi``); the CLIP towers stay frozen, so bank features
+never go stale. The bank is deduplicated first: an image whose cosine to an
+already kept image is >= ``dedup_threshold`` is merged into it (greedy, in
+order), so one scene photographed twice is not two negatives; bank entries that
+duplicate a query's target or reference are masked in its loss.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..composer import Composer
+from ..config import Config
+from .engine import TrainConfig
+from .stage2 import Corpus, Stage2Config, TripletFeatures, train_stage2
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BankStageConfig(Config):
+    """The bank stage: bank construction, the bank loss and optimisation."""
+
+    dedup_threshold: float = 0.98  # cosine at which two bank images are merged
+    negatives: int = 0  # bank negatives per step (shared by the batch); 0: the whole bank
+    bank_weight: float = 1.0  # weight of the bank InfoNCE next to the in-batch InfoNCE
+    include_triplet_images: bool = True  # add the triplets' references and targets to the bank
+    components: Tuple[str, ...] = ("reference",)  # further Stage-II components kept on ("bank" is always added)
+    component_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_phi: bool = False
+    dup_threshold: float = 0.98  # in-batch / bank duplicates of a query's target or reference are masked
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(steps=200, batch_size=128, lr=2e-4, weight_decay=0.01, warmup_steps=10)
+    )
+
+
+@torch.no_grad()
+def deduplicate(features: torch.Tensor, threshold: float, block: int = 1024, progress: bool = False) -> torch.Tensor:
+    """Indices of the rows kept by greedy deduplication (a row is dropped if its cosine to a kept earlier row >= threshold).
+
+    Rows are processed in blocks: each block is compared with the kept rows of
+    earlier blocks in one matrix product, then resolved in order within itself.
+    """
+    from tqdm.auto import tqdm
+
+    feats = F.normalize(features.float(), dim=-1)
+    kept: List[torch.Tensor] = []
+    kept_feats: List[torch.Tensor] = []
+    for s in tqdm(range(0, len(feats), block), desc="deduplicate bank", disable=not progress):
+        chunk = feats[s: s + block]
+        alive = torch.ones(len(chunk), dtype=torch.bool)
+        for prev in kept_feats:
+            alive &= ~((chunk @ prev.T) >= threshold).any(1)
+        inner = (chunk @ chunk.T) >= threshold
+        inner.fill_diagonal_(False)
+        for i in range(len(chunk)):
+            if alive[i]:
+                later = inner[i].clone()
+                later[: i + 1] = False
+                alive &= ~later
+        idx = torch.nonzero(alive).flatten() + s
+        kept.append(idx)
+        kept_feats.append(feats[idx])
+    return torch.cat(kept) if kept else torch.empty(0, dtype=torch.long)
+
+
+def build_bank(parts: Sequence[Tuple[torch.Tensor, Sequence[str]]], threshold: float,
+               progress: bool = False) -> Corpus:
+    """A deduplicated, normalised bank from (features [N, D], ids) parts, in order (earlier parts win merges)."""
+    parts = [(f, list(i)) for f, i in parts if len(f)]
+    if not parts:
+        raise ValueError("the bank is empty: give corpus images and/or include the triplet images")
+    dims = {int(f.shape[1]) for f, _ in parts}
+    if len(dims) != 1:
+        raise ValueError(f"bank parts have different feature widths {sorted(dims)}")
+    for f, ids in parts:
+        if len(f) != len(ids):
+            raise ValueError(f"a bank part has {len(f)} features but {len(ids)} ids")
+    feats = torch.cat([F.normalize(f.float(), dim=-1) for f, _ in parts])
+    ids = [i for _, part_ids in parts for i in part_ids]
+    keep = deduplicate(feats, threshold, progress=progress)
+    return Corpus(feats[keep].contiguous(), [ids[i] for i in keep.tolist()])
+
+
+def triplet_bank_parts(triplets: TripletFeatures,
+                       image_targets: Optional[Sequence[bool]] = None) -> List[Tuple[torch.Tensor, List[str]]]:
+    """The triplets' reference and target image features as bank parts (ids: the image ids).
+
+    ``image_targets[i]`` False marks a text-only target (its feature is a caption
+    feature, not an image), which stays out of the bank.
+    """
+    keep = list(range(len(triplets))) if image_targets is None else [i for i, m in enumerate(image_targets) if m]
+    targets = triplets.target[torch.tensor(keep, dtype=torch.long)] if keep else triplets.target[:0]
+    return [(triplets.ref_pooled, list(triplets.ref_ids)), (targets, [triplets.target_ids[i] for i in keep])]
+
+
+def stage2_config(cfg: BankStageConfig) -> Stage2Config:
+    """The Stage2Config that runs the bank stage."""
+    components = tuple(c for c in cfg.components if c != "bank") + ("bank",)
+    options = dict(cfg.component_options)
+    options["bank"] = {"negatives": cfg.negatives, "weight": cfg.bank_weight, **options.get("bank", {})}
+    return Stage2Config(train_phi=cfg.train_phi, dup_threshold=cfg.dup_threshold, components=components,
+                        component_options=options, train=cfg.train)
+
+
+def train_bank(composer: Composer, triplets: TripletFeatures, bank: Corpus, cfg: BankStageConfig,
+               output_dir: Optional[Path] = None, resume: bool = False, progress: bool = True) -> Tuple[Composer, Any]:
+    """Fine-tune a Stage-II composer's query side with InfoNCE over the bank; saves ``output_dir/model``."""
+    if composer.config.adapters is None:
+        raise ValueError("train-bank fine-tunes a Stage-II model (with adapters); train Stage II first (zscir train-stage2)")
+    if bank.features.shape[1] != triplets.target.shape[1]:
+        raise ValueError(f"bank features have width {bank.features.shape[1]} but the triplets' targets "
+                         f"{triplets.target.shape[1]}")
+    from . import components  # noqa: F401  (registers the 'bank' component)
+
+    logger.info("bank stage: %d bank images, %s negatives per step", len(bank.ids),
+                "all" if cfg.negatives == 0 else cfg.negatives)
+    return train_stage2(composer, triplets, stage2_config(cfg), corpus=bank, output_dir=output_dir, resume=resume,
+                        progress=progress)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI arguments of ``zscir train-bank``."""
+    parser.add_argument("--model", required=True, type=Path, help="Stage-II model folder (from zscir train-stage2)")
+    parser.add_argument("--triplets", required=True, help="triplets (.jsonl, .csv, or a Hugging Face dataset path)")
+    parser.add_argument("--image-root", default=None, help="folder the triplet image paths are relative to")
+    parser.add_argument("--corpus", default=None, help="image folder added to the bank (gallery or training images)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache of the corpus (default: OUT/features)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (model in OUT/model)")
+    parser.add_argument("--config", type=Path, default=None, help="BankStageConfig JSON")
+    parser.add_argument("--negatives", type=int, default=None, help="bank negatives per step; 0 = the whole bank")
+    parser.add_argument("--dedup-threshold", type=float, default=None, help="cosine at which bank images are merged")
+    parser.add_argument("--no-triplet-images", action="store_true", help="bank = corpus images only")
+    parser.add_argument("--train-phi", action="store_true", help="also fine-tune the phi-network")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--save-every", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> BankStageConfig:
+    """BankStageConfig from a JSON file and command-line overrides."""
+    cfg = BankStageConfig.from_json(args.config) if args.config else BankStageConfig()
+    train = cfg.train
+    for name in ("steps", "batch_size", "lr", "save_every", "seed"):
+        if getattr(args, name) is not None:
+            train = dataclasses.replace(train, **{name: getattr(args, name)})
+    changes: Dict[str, Any] = {"train": train}
+    if args.negatives is not None:
+        if args.negatives < 0:
+            raise ValueError(f"--negatives must be >= 0, got {args.negatives}")
+        changes["negatives"] = args.negatives
+    if args.dedup_threshold is not None:
+        changes["dedup_threshold"] = args.dedup_threshold
+    if args.no_triplet_images:
+        changes["include_triplet_images"] = False
+    if args.train_phi:
+        changes["train_phi"] = True
+    return dataclasses.replace(cfg, **changes)
+
+
+def corpus_features(composer: Composer, folder: Any, cache_dir: Path, progress: bool = True) -> Tuple[torch.Tensor, List[str]]:
+    """Normalised pooled features and paths of every decodable image under ``folder`` (cached on disk)."""
+    from ..data.features import FeatureCache
+    from ..data.images import list_images
+
+    paths = list_images(folder)
+    if not paths:
+        raise ValueError(f"--corpus {folder}: no images found")
+    cache = FeatureCache.build(composer.backbone, paths, cache_dir, with_patches=False, progress=progress)
+    valid = cache.valid_indices()
+    feats = torch.from_numpy(cache.pooled[valid].astype("float32"))
+    return F.normalize(feats, dim=-1), [cache.paths[i] for i in valid.tolist()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``zscir train-bank``."""
+    from ..data.triplets import load_triplets
+    from .stage2 import encode_triplets
+
+    cfg = config_from_args(args)
+    composer = Composer.from_pretrained(args.model)
+    if composer.config.adapters is None:
+        raise ValueError(f"{args.model}: not a Stage-II model (no adapters); run zscir train-stage2 first")
+    triplets = load_triplets(args.triplets, image_root=args.image_root)
+    prompt = composer.config.query_prompt.replace("{modification}", "").replace(composer.config.placeholder, "")
+    overhead = len(composer.backbone.tokenizer([prompt])[0].nonzero()) + composer.phi.config.num_tokens
+    triplets = triplets.truncate_to_context(composer.backbone.tokenizer, composer.backbone.context_length, overhead)
+    feats = encode_triplets(composer, triplets, progress=not args.no_progress)
+    parts: List[Tuple[torch.Tensor, List[str]]] = []
+    if args.corpus:
+        parts.append(corpus_features(composer, args.corpus, args.cache_dir or args.out / "features",
+                                     progress=not args.no_progress))
+    if cfg.include_triplet_images:
+        parts.extend(triplet_bank_parts(feats, [bool(r.target) for r in triplets]))
+    bank = build_bank(parts, cfg.dedup_threshold, progress=not args.no_progress)
+    total = sum(len(p[0]) for p in parts)
+    print(f"bank: {len(bank.ids)} images after deduplication ({total - len(bank.ids)} merged at cosine >= {cfg.dedup_threshold})")
+    train_bank(composer, feats, bank, cfg, output_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"bank-stage model: {args.out / 'model'}")
+    return 0

@@ -1,0 +1,360 @@
+"""One training engine for every stage (tiny-CLIP pretraining, Stage I, Stage II, SPN bank stage).
+
+A stage is a :class:`TrainTask`: a module whose ``forward(batch)`` returns
+per-sample tensors, a ``loss(outputs, step)`` over the *global* batch, and a way
+to build a batch from example indices. The engine owns everything else:
+Accelerate (CPU, one or several GPUs, several nodes), seeded deterministic
+sampling, AdamW with warm-up + cosine schedule, gradient clipping, tqdm
+progress, periodic full-state checkpoints and resume.
+
+Several processes: every rank draws the same global batch of indices and
+takes its shard; per-sample outputs are all-gathered with gradients, each rank
+computes the same global loss, and the loss is scaled by the world size so
+that DDP's gradient averaging yields exactly the single-process gradient.
+So a run on N processes matches a 1-process run with the same global batch.
+
+Checkpoints never use pickle: trainable weights and optimizer moments go to
+safetensors, step/RNG/scheduler state to JSON, both written atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, atomic_write_json, load_tensors, save_tensors
+from ..config import Config
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = "state"
+STATE_WEIGHTS = "state.safetensors"
+STATE_META = "state.json"
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    """Optimisation and bookkeeping settings shared by every stage."""
+
+    steps: int = 500
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (Accelerate)
+    save_every: int = 0  # steps between full-state checkpoints; 0: only at the end
+    log_every: int = 10
+
+
+class TrainTask:
+    """What a stage supplies to the engine."""
+
+    module: nn.Module  # forward(batch) -> dict of per-sample tensors; trainable parameters have requires_grad
+
+    def num_examples(self) -> int:
+        """Size of the example pool that batches are drawn from."""
+        raise NotImplementedError
+
+    def make_batch(self, indices: torch.Tensor, step: int) -> Any:
+        """Build this rank's batch from example indices."""
+        raise NotImplementedError
+
+    def loss(self, outputs: Dict[str, torch.Tensor], batch: Any, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Loss over the global batch (outputs gathered from all ranks) and scalar logs."""
+        raise NotImplementedError
+
+    def on_step_end(self, step: int, module: nn.Module) -> None:
+        """Hook after each optimiser step (e.g. refresh mined negatives)."""
+
+    def extra_state(self) -> Dict[str, torch.Tensor]:
+        """Non-parameter tensors to checkpoint (e.g. running statistics)."""
+        return {}
+
+    def load_extra_state(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """History of logged values (one dict per logged step) and wall time."""
+
+    history: List[Dict[str, float]]
+    seconds: float
+    resumed_from: int = 0
+
+
+def epoch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Global batch for `step`: consecutive slices of per-epoch seeded permutations (resumable, rank-independent)."""
+    if num_examples <= 0:
+        raise ValueError("the training set is empty")
+    start = step * batch_size
+    out: List[torch.Tensor] = []
+    while len(out) == 0 or sum(len(o) for o in out) < batch_size:
+        epoch, offset = divmod(start, num_examples)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(num_examples, generator=g)
+        take = perm[offset: offset + batch_size - sum(len(o) for o in out)]
+        out.append(take)
+        start += len(take)
+    return torch.cat(out)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to ``min_lr_ratio``."""
+
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _gather(outputs: Dict[str, torch.Tensor], world: int, local_batch: int) -> Dict[str, torch.Tensor]:
+    """All-gather per-sample outputs with gradients (rows of this rank keep their graph)."""
+    if world == 1:
+        return outputs
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dnn
+
+    out = {}
+    for key, value in outputs.items():
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == local_batch:
+            if value.requires_grad:
+                out[key] = torch.cat(dnn.all_gather(value.contiguous()), dim=0)
+            else:
+                parts = [torch.empty_like(value) for _ in range(world)]
+                dist.all_gather(parts, value.contiguous())
+                out[key] = torch.cat(parts, dim=0)
+        else:
+            out[key] = value
+    return out
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()[1].tolist())}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+class Trainer:
+    """Runs a :class:`TrainTask` with Accelerate; resumable from ``output_dir/state``."""
+
+    def __init__(self, task: TrainTask, cfg: TrainConfig, output_dir: Optional[Path] = None,
+                 progress: bool = True, cpu: Optional[bool] = None, desc: str = "train") -> None:
+        from accelerate import Accelerator
+
+        self.task, self.cfg, self.desc = task, cfg, desc
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.progress = progress
+        use_cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=cfg.mixed_precision if not use_cpu else "no")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.module = task.module
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{desc}: the module has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.wrapped, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
+        self.history: List[Dict[str, float]] = []
+        self.step = 0
+
+    # ----------------------------------------------------------- checkpoints
+    @property
+    def state_dir(self) -> Optional[Path]:
+        """Folder of the resumable training state."""
+        return self.output_dir / STATE_DIR if self.output_dir else None
+
+    def _trainable_names(self) -> List[str]:
+        return [n for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def save_state(self) -> None:
+        """Write trainable weights, optimiser moments, schedule, RNG and history (atomically, main process only)."""
+        if self.state_dir is None:
+            return
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        tensors: Dict[str, torch.Tensor] = {}
+        named = dict(self.module.named_parameters())
+        names = self._trainable_names()
+        for name in names:
+            tensors[f"param.{name}"] = named[name].detach()
+        opt_state = self.optimizer.state_dict()["state"]
+        index_of = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        order = [index_of[id(named[n])] for n in names]
+        opt_steps = {}
+        for name, idx in zip(names, order):
+            st = opt_state.get(idx)
+            if not st:
+                continue
+            tensors[f"adam.exp_avg.{name}"] = st["exp_avg"]
+            tensors[f"adam.exp_avg_sq.{name}"] = st["exp_avg_sq"]
+            opt_steps[name] = float(st["step"])
+        for key, value in self.task.extra_state().items():
+            tensors[f"extra.{key}"] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "scheduler_last_epoch": self.scheduler.last_epoch,
+            "adam_steps": opt_steps,
+            "rng": _rng_state(),
+            "history": self.history,
+            "desc": self.desc,
+        }
+        save_tensors(self.state_dir / STATE_WEIGHTS, tensors)
+        atomic_write_json(self.state_dir / STATE_META, meta)
+
+    def has_state(self) -> bool:
+        """Whether a resumable state exists in the output folder."""
+        return bool(self.state_dir and (self.state_dir / STATE_META).is_file())
+
+    def load_state(self) -> None:
+        """Restore everything :meth:`save_state` wrote; refuses a state made with another config."""
+        meta_path = self.state_dir / STATE_META
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{meta_path}: invalid JSON ({err})") from None
+        tensors = load_tensors(self.state_dir / STATE_WEIGHTS)
+        saved = dict(meta["config"])
+        now = self.cfg.to_dict()
+        differ = [k for k in now if k not in ("steps", "save_every", "log_every") and saved.get(k) != now[k]]
+        if differ:
+            raise CheckpointError(
+                f"cannot resume from {self.state_dir}: training config differs in {differ} "
+                f"(saved {[saved.get(k) for k in differ]}, now {[now[k] for k in differ]})"
+            )
+        named = dict(self.module.named_parameters())
+        names = self._trainable_names()
+        missing = [n for n in names if f"param.{n}" not in tensors]
+        if missing:
+            raise CheckpointError(f"{self.state_dir}: state lacks trainable tensors {missing[:3]}")
+        with torch.no_grad():
+            for n in names:
+                named[n].copy_(tensors[f"param.{n}"])
+        index_of = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        state = {}
+        for n in names:
+            if f"adam.exp_avg.{n}" in tensors:
+                state[index_of[id(named[n])]] = {
+                    "step": torch.tensor(meta["adam_steps"][n]),
+                    "exp_avg": tensors[f"adam.exp_avg.{n}"].to(named[n].device),
+                    "exp_avg_sq": tensors[f"adam.exp_avg_sq.{n}"].to(named[n].device),
+                }
+        sd = self.optimizer.state_dict()
+        sd["state"] = state
+        self.optimizer.load_state_dict(sd)
+        self.scheduler.last_epoch = meta["scheduler_last_epoch"]
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * lr_lambda(self.cfg)(self.scheduler.last_epoch)
+        extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+        if extra:
+            self.task.load_extra_state(extra)
+        torch.set_rng_state(tensors["rng.torch"])
+        random.setstate(_to_tuple(meta["rng"]["python"]))
+        self.step = int(meta["step"])
+        self.history = list(meta["history"])
+
+    # ------------------------------------------------------------------ loop
+    def train(self, resume: bool = False) -> TrainResult:
+        """Run (or continue) the optimisation to ``cfg.steps``; Ctrl-C saves a resumable state first."""
+        acc = self.accelerator
+        resumed_from = 0
+        if resume and self.has_state():
+            self.load_state()
+            resumed_from = self.step
+            if acc.is_main_process:
+                logger.info("%s: resumed from step %d", self.desc, self.step)
+        world, rank = acc.num_processes, acc.process_index
+        if self.cfg.batch_size % world:
+            raise ValueError(f"batch_size {self.cfg.batch_size} is not divisible by {world} processes")
+        n = self.task.num_examples()
+        start = time.time()
+        bar = None
+        if self.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True)
+        interrupted = False
+        previous_handler = None
+        try:
+            while self.step < self.cfg.steps:
+                indices = epoch_indices(n, self.cfg.batch_size, self.step, self.cfg.seed)
+                local = indices[rank::world]
+                batch = self.task.make_batch(local, self.step)
+                self.wrapped.train()
+                with acc.autocast():
+                    outputs = self.wrapped(batch)
+                    outputs = _gather(outputs, world, len(local))
+                    loss, logs = self.task.loss(outputs, batch, self.step)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{self.desc}: loss became {loss.item()} at step {self.step}")
+                acc.backward(loss * world)
+                if self.cfg.grad_clip:
+                    acc.clip_grad_norm_(self.params, self.cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                    record = {"step": self.step, "loss": float(loss.detach()), "lr": self.scheduler.get_last_lr()[0]}
+                    record.update({k: float(v) for k, v in logs.items()})
+                    self.history.append(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                self.task.on_step_end(self.step, self.module)
+                if bar is not None:
+                    bar.update(1)
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+                    self.save_state()
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if interrupted and self.state_dir is not None:
+                self.save_state()
+                logger.warning("%s: interrupted at step %d; state saved to %s (resume with --resume)",
+                               self.desc, self.step, self.state_dir)
+        self.save_state()
+        return TrainResult(self.history, time.time() - start, resumed_from)
