@@ -16,14 +16,20 @@ on the test benchmark. Re-ranker rows re-order each query's top-50.
 
 Columns: R@1, R@10, mean R@10 over kinds, R@10 of the frequent kinds (>= 10%
 of training triplets) and of the rare ones (size, move and every combined
-kind), per-kind R@10 in the JSON, and training seconds per step relative to
-plain Stage II (wall time on a shared CPU: expect +-15% noise). A separate
-table measures the SPN bank term for a 50k-image bank at 128-d and 768-d.
+kind), per-kind R@10, and the training cost per step relative to plain Stage II
+(CPU seconds of this process, so other jobs on a shared machine matter less;
+wall seconds are in the JSON). Diagnostics show what the weighting and
+attribute components learned per kind. A separate table measures the SPN bank
+term for a 50k-image bank at 128-d and 768-d.
+
+Defaults (about 10 minutes on 2 CPU cores): 2,000 triplets, bottleneck adapters
+in the last 4 text blocks (rank 32), 120 steps of batch 128 at lr 1.5e-3, 1,000
+test and 500 validation queries, one seed. Scale up with --steps, --triplets,
+--queries and --seeds (rows are then averaged over seeds).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -51,6 +57,7 @@ SINGLE_ROWS: Dict[str, Tuple[Tuple[str, ...], Dict[str, Any]]] = {
 }
 WEIGHTINGS = ("melt_rarity", "inverse_frequency")  # combine at most one of these
 RERANK_K = 50
+VAL_NOISE = 1.0  # validation mean-R@10 gain (points) above which a component counts as clearly better
 
 
 def frequent_kinds(threshold: float = 0.10) -> List[str]:
@@ -116,22 +123,56 @@ def evaluate(bench: Any, composer: Any, rerank: bool = False) -> Dict[str, Any]:
 
 
 def train_row(stage1: Path, triplets: Any, corpus: Any, components: Tuple[str, ...], options: Dict[str, Any],
-              args: argparse.Namespace, seed: int) -> Tuple[Any, float, Dict[str, float]]:
-    """Train Stage II from the Stage-I model; returns (composer, seconds per step, last logs)."""
+              args: argparse.Namespace, seed: int, steps: Optional[int] = None) -> Dict[str, Any]:
+    """Train Stage II from the Stage-I model (train_stage2's steps, keeping the task for diagnostics).
+
+    Returns composer, task, CPU seconds per step (process time: robust to other
+    jobs on a shared machine), wall seconds per step and the last logs.
+    """
     from zscir.composer import Composer
     from zscir.models.adapters import AdapterConfig
-    from zscir.train.engine import TrainConfig
-    from zscir.train.stage2 import Stage2Config, train_stage2
+    from zscir.train.engine import TrainConfig, Trainer
+    from zscir.train.stage2 import Stage2Config, Stage2Task, prepare_stage2
 
+    steps = steps or args.steps
     composer = Composer.from_pretrained(stage1)
-    cfg = Stage2Config(adapters=AdapterConfig(num_layers=2, rank=32), components=components, component_options=options,
-                       train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-3, warmup_steps=20,
+    cfg = Stage2Config(adapters=AdapterConfig(num_layers=args.layers, rank=32), components=components,
+                       component_options=options,
+                       train=TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=20,
                                          log_every=10, seed=seed))
     torch.manual_seed(seed)
-    start = time.perf_counter()
-    composer, result = train_stage2(composer, triplets, cfg, corpus=corpus, progress=args.progress)
-    seconds = (time.perf_counter() - start) / args.steps
-    return composer, seconds, result.history[-1]
+    prepare_stage2(composer, cfg.adapters)
+    task = Stage2Task(composer, triplets, cfg, corpus)
+    trainer = Trainer(task, cfg.train, progress=args.progress, desc="stage II " + "+".join(components))
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = trainer.train()
+    cpu, wall = (time.process_time() - cpu) / steps, (time.perf_counter() - wall) / steps
+    for p in composer.parameters():
+        p.requires_grad_(False)
+    composer.eval()
+    return {"composer": composer, "task": task, "cpu_per_step": cpu, "wall_per_step": wall,
+            "last_logs": result.history[-1]}
+
+
+def diagnostics(task: Any) -> Dict[str, Any]:
+    """What the weighting / attribute components learned, per modification kind of the training triplets."""
+    from zscir.train.components import AttributeQueries, MeltRarity, attribute_weights_by_kind
+
+    out: Dict[str, Any] = {}
+    kinds = task.triplets.kinds
+    frequent = set(frequent_kinds())
+    for comp in task.components:
+        if isinstance(comp, MeltRarity):
+            w = comp.triplet_weights()
+            by_kind = {k: float(w[[i for i, x in enumerate(kinds) if x == k]].mean()) for k in sorted(set(kinds))}
+            out["melt_weight_by_kind"] = by_kind
+            out["melt_weight_frequent"] = float(w[[i for i, k in enumerate(kinds) if k in frequent]].mean())
+            out["melt_weight_rare"] = float(w[[i for i, k in enumerate(kinds) if k not in frequent]].mean())
+        if isinstance(comp, AttributeQueries):
+            single = [k for k in ("color", "shape", "size", "move", "add", "remove") if k in set(kinds)]
+            table = attribute_weights_by_kind(task, kinds)
+            out["dqe_attribute_weights_by_kind"] = {k: table[k] for k in single}
+    return out
 
 
 def bank_cost(sizes: Sequence[int] = (50_000,), dims: Sequence[int] = (128, 768), batch: int = 128,
@@ -177,8 +218,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--stage1", type=Path, default=None, help="Stage-I model folder (default: train a small one)")
     parser.add_argument("--work", type=Path, default=Path(".bench/components-work"), help="folder for the Stage-I model")
     parser.add_argument("--triplets", type=int, default=2000, help="training triplets")
-    parser.add_argument("--steps", type=int, default=150, help="Stage-II steps per row")
+    parser.add_argument("--steps", type=int, default=120, help="Stage-II steps per row")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--layers", type=int, default=4, help="text blocks with bottleneck adapters (rank 32)")
     parser.add_argument("--queries", type=int, default=1000, help="test queries (validation: half)")
     parser.add_argument("--corpus", type=int, default=3000, help="extra scenes in the corpus (bank / mid-zone candidates)")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per row (results averaged)")
@@ -212,6 +255,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     corpus = build_bank([(torch.as_tensor(extra.pooled), [f"c{i}" for i in range(args.corpus)])]
                         + triplet_bank_parts(triplets), 0.98)
     counts = {k: sum(e.kind == k for e in edits) for k in sorted({e.kind for e in edits})}
+    stage1_scores = evaluate(test, base)
+    print(f"Stage I only: R@10 {stage1_scores['R@10']:.1f}, mean/kinds {stage1_scores['mean_R@10_over_kinds']:.1f}")
     print(f"setup {time.perf_counter() - t0:.0f}s: {len(triplets)} triplets, corpus/bank {len(corpus.ids)} images, "
           f"test {len(test)} / val {len(val)} queries; training kinds {counts}", flush=True)
 
@@ -224,51 +269,71 @@ def main(argv: Optional[List[str]] = None) -> int:
     models: Dict[str, List[Any]] = {}
 
     def run_row(name: str, comps: Tuple[str, ...], options: Dict[str, Any]) -> Dict[str, Any]:
-        tests, vals, secs = [], [], []
+        tests, vals, runs = [], [], []
         models[name] = []
         for seed in range(args.seeds):
-            composer, sec, logs = train_row(stage1, triplets, corpus, PLAIN + comps, options, args, seed)
-            models[name].append(composer)
-            tests.append(evaluate(test, composer))
-            vals.append(evaluate(val, composer))
-            secs.append(sec)
+            run = train_row(stage1, triplets, corpus, PLAIN + comps, options, args, seed)
+            models[name].append(run["composer"])
+            tests.append(evaluate(test, run["composer"]))
+            vals.append(evaluate(val, run["composer"]))
+            runs.append(run)
         row = {"row": name, "components": list(PLAIN + comps), "options": options, **average(tests),
                "val_mean_R@10_over_kinds": float(np.mean([v["mean_R@10_over_kinds"] for v in vals])),
-               "sec_per_step": float(np.mean(secs)), "last_logs": logs}
+               "sec_per_step": float(np.mean([r["cpu_per_step"] for r in runs])),
+               "wall_sec_per_step": float(np.mean([r["wall_per_step"] for r in runs])),
+               "last_logs": runs[-1]["last_logs"], "diagnostics": diagnostics(runs[-1]["task"])}
         rows.append(row)
         print(f"  {name:<28} R@10 {row['R@10']:5.1f}  mean/kinds {row['mean_R@10_over_kinds']:5.1f}  "
-              f"rare {row['rare_R@10']:5.1f}  val {row['val_mean_R@10_over_kinds']:5.1f}  {row['sec_per_step']:.3f}s/step "
-              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+              f"rare {row['rare_R@10']:5.1f}  val {row['val_mean_R@10_over_kinds']:5.1f}  "
+              f"{row['sec_per_step']:.3f} CPU-s/step ({time.perf_counter() - t0:.0f}s)", flush=True)
         return row
 
+    train_row(stage1, triplets, corpus, PLAIN, {}, args, 0, steps=3)  # warm caches so the first timed row is fair
     plain = run_row("plain Stage II", (), {})
     singles = {name: run_row(f"+ {name}", *SINGLE_ROWS[name]) for name in wanted}
+
+    def combination(names: Sequence[str]) -> Tuple[Tuple[str, ...], Dict[str, Any]]:
+        comps: Tuple[str, ...] = ()
+        opts: Dict[str, Any] = {}
+        for n in names:
+            c, o = SINGLE_ROWS.get(n, ((n,), {}))
+            comps += c
+            opts.update(o)
+        return comps, opts
+
+    def label(names: Sequence[str]) -> str:
+        return "best combination: " + (" + ".join(names) if names else "(none beat plain on validation)")
+
     if args.combo is not None:
-        chosen = [c for c in args.combo.split(",") if c]
+        candidates = [[c for c in args.combo.split(",") if c]]
     else:
-        better = [n for n, r in singles.items() if r["val_mean_R@10_over_kinds"] > plain["val_mean_R@10_over_kinds"]]
-        weighting = [n for n in better if n in WEIGHTINGS]
-        if len(weighting) > 1:  # keep only the better weighting scheme
-            keep = max(weighting, key=lambda n: singles[n]["val_mean_R@10_over_kinds"])
-            better = [n for n in better if n not in WEIGHTINGS or n == keep]
-        chosen = better
-    combo_comps: Tuple[str, ...] = ()
-    combo_opts: Dict[str, Any] = {}
-    for name in chosen:
-        comps, opts = SINGLE_ROWS.get(name, ((name,), {}))
-        combo_comps += comps
-        combo_opts.update(opts)
-    best_name = "best combination: " + (" + ".join(chosen) if chosen else "(none beat plain on validation)")
-    if len(chosen) > 1:
-        best = run_row(best_name, combo_comps, combo_opts)
-    elif chosen:
-        best = dict(singles[chosen[0]], row=best_name)
-        models[best_name] = models[f"+ {chosen[0]}"]
-        rows.append(best)
-    else:
-        best = dict(plain, row=best_name)
-        models[best_name] = models["plain Stage II"]
-        rows.append(best)
+        # validation gains over plain; at most one of the two weighting schemes (the better)
+        gain = {n: r["val_mean_R@10_over_kinds"] - plain["val_mean_R@10_over_kinds"] for n, r in singles.items()}
+        weighting = sorted((n for n in gain if n in WEIGHTINGS), key=lambda n: -gain[n])[1:]
+        positive = [n for n in singles if gain[n] > 0 and n not in weighting]
+        strong = [n for n in positive if gain[n] >= VAL_NOISE]
+        candidates = [positive] + ([strong] if strong != positive else [])
+    trained: List[Dict[str, Any]] = []
+    new_rows: List[int] = []  # ids of combination rows trained here (not copies of single rows)
+    for names in candidates:
+        if len(names) == 1 and f"+ {names[0]}" in models:  # a single component: its row already exists
+            row = dict(next(r for r in rows if r["row"] == f"+ {names[0]}"), row=label(names))
+            models[row["row"]] = models[f"+ {names[0]}"]
+        elif not names:
+            row = dict(plain, row=label(names))
+            models[row["row"]] = models["plain Stage II"]
+        else:
+            row = run_row(label(names), *combination(names))
+            rows.remove(row)
+            new_rows.append(id(row))
+        trained.append(row)
+    best = max(trained, key=lambda r: r["val_mean_R@10_over_kinds"])
+    best["selected_on_validation_from"] = [r["row"] for r in trained]
+    for r in trained:
+        if r is not best and id(r) in new_rows:
+            r["row"] = r["row"].replace("best combination:", "combination (not selected on validation):")
+            rows.append(r)
+    rows.append(best)
     for name, source in (("plain + kNN re-ranker", "plain Stage II"), (best["row"] + " + kNN re-ranker", best["row"])):
         results = [evaluate(test, m, rerank=True) for m in models[source]]
         rows.append({"row": name, "components": next(r["components"] for r in rows if r["row"] == source),
@@ -284,6 +349,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "best_minus_plain_mean_R@10_over_kinds": best["mean_R@10_over_kinds"] - plain["mean_R@10_over_kinds"],
     }
     if melt is not None:
+        diag = melt["diagnostics"]
+        checks["melt_weight_rare_over_frequent"] = diag["melt_weight_rare"] / diag["melt_weight_frequent"]
         checks["melt_rarity_raises_rare_R@10"] = melt["rare_R@10"] > plain["rare_R@10"]
         checks["melt_rarity_minus_plain_rare_R@10"] = melt["rare_R@10"] - plain["rare_R@10"]
         checks["melt_rarity_minus_plain_per_rare_kind"] = {
@@ -298,7 +365,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "torch": torch.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "training_kind_counts": counts, "frequent_kinds": frequent_kinds(), "rows": rows, "checks": checks,
-        "bank_cost": bank_rows, "total_seconds": time.perf_counter() - t0,
+        "stage1_only": stage1_scores, "bank_cost": bank_rows, "total_seconds": time.perf_counter() - t0,
     }
     from zscir.checkpoint import atomic_write_json
 
@@ -338,6 +405,9 @@ def print_table(rows: Sequence[Dict[str, Any]], bank_rows: Sequence[Dict[str, An
                   f"in-batch {b['in_batch_ms']:.1f} ms, full bank {b['full_bank_ms']:.1f} ms, "
                   f"{sampled.replace('_ms', '')} {b[sampled]:.1f} ms")
     print("\nchecks:", json.dumps(checks, indent=1))
+    for r in rows:
+        if r.get("diagnostics"):
+            print(f"diagnostics of {r['row']}:", json.dumps(r["diagnostics"], indent=None))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from _timing import seconds_per_call
 from zscir.checkpoint import atomic_write_json
 from zscir.composer import Composer
 from zscir.data.shapes import ShapesWorld, ShapesWorldConfig
@@ -62,13 +63,7 @@ def step_cost(composer: Composer, features, cfg: Stage1Config, repeats: int = 10
         tokens.requires_grad_(True)
         bb.encode_with_pseudo_tokens(batch["prompts"], tokens, normalize=True).sum().backward()
 
-    times = {}
-    for name, fn in (("stage1_step", full_step), ("text_encoder_fwd_bwd", bare_text)):
-        fn()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        times[name] = (time.perf_counter() - t) / repeats
+    times = seconds_per_call({"stage1_step": full_step, "text_encoder_fwd_bwd": bare_text}, repeats)
     times["ratio"] = times["stage1_step"] / times["text_encoder_fwd_bwd"]
     return times
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from _timing import seconds_per_call
 from zscir.checkpoint import atomic_write_json
 from zscir.composer import Composer
 from zscir.data.shapes import ShapesWorld, ShapesWorldConfig
@@ -84,13 +85,7 @@ def step_cost(composer: Composer, trip, cfg: Stage2Config, repeats: int = 5) -> 
         composer.backbone.encode_with_pseudo_tokens(prompts, tokens, normalize=True).sum().backward()
         opt.zero_grad()
 
-    times = {}
-    for name, fn in (("stage2_step", full_step), ("text_encoder_fwd_bwd", text_only_step)):
-        fn()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        times[name] = (time.perf_counter() - t) / repeats
+    times: dict = seconds_per_call({"stage2_step": full_step, "text_encoder_fwd_bwd": text_only_step}, repeats)
     times["ratio"] = times["stage2_step"] / times["text_encoder_fwd_bwd"]
     times["note"] = "the default Stage II also encodes one query-side negative per row (a second text pass)"
     return times

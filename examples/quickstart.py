@@ -18,11 +18,9 @@ next run only embeds images that are new. Without ``--model`` an untrained
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import sys
 import tempfile
-import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,6 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from zscir.checkpoint import atomic_write_bytes
 from zscir.composer import Composer
 from zscir.data.images import iter_image_batches, list_images, load_image
 from zscir.index import INDEX_META, EmbeddingIndex, exact_topk, model_key_of
@@ -124,33 +121,12 @@ def search(composer: Composer, reference: Path, text: str, gallery: Union[Embedd
 
 
 def plot_grid(reference: Path, text: str, hits: Sequence[Hit], images: Path, out: Path,
-              targets: Sequence[str] = (), columns: int = 6) -> None:
+              targets: Sequence[str] = ()) -> None:
     """Save a PNG: the reference with its text, then the ranked results (correct ones framed in green)."""
-    import matplotlib
+    from zscir.viz import GridRow, save_retrieval_grid
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = 1 + len(hits)
-    cols = min(columns, panels)
-    rows = -(-panels // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    first = axes.flat[0]
-    first.imshow(load_image(reference))
-    first.set_title("reference +\n" + textwrap.fill(text, 28, max_lines=3, placeholder=" ..."), fontsize=7)
-    for ax, (rank, (item, score)) in zip(list(axes.flat)[1:], enumerate(hits, start=1)):
-        ax.imshow(load_image(images / item))
-        hit = item in targets
-        ax.set_title(f"#{rank} {score:.3f}{'  (target)' if hit else ''}", fontsize=7, color="green" if hit else "black")
-        if hit:  # a visible frame: axis("off") hides spines, so draw a rectangle instead
-            ax.add_patch(plt.Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, lw=4, color="green"))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
+    results = [(load_image(images / item), f"{score:.3f}", item in targets) for item, score in hits]
+    save_retrieval_grid(out, [GridRow(load_image(reference), text, results)])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,10 +12,13 @@ ANNOTATIONS = Path(os.environ.get("ZSCIR_ANNOTATIONS", Path(__file__).resolve().
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir():
-    """Backbone folder of the 'test' tiny CLIP from the user cache (pretrained here on first use, ~1 min)."""
+    """Backbone folder of the 'fast' tiny CLIP from the user cache (pretrained here on first use, ~3-4 min).
+
+    The same cached model serves the tests, ``zscir demo --fast`` and the benchmarks.
+    """
     from zscir.train.clip_pretrain import pretrained_tiny_clip
 
-    folder, report = pretrained_tiny_clip("test", progress=False)
+    folder, report = pretrained_tiny_clip("fast", progress=False)
     return folder
 
 

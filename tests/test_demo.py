@@ -7,8 +7,8 @@ import pytest
 from zscir import Composer
 from zscir.demo import DemoConfig, run_demo
 
-MINI = DemoConfig(clip_preset="test", stage1_images=1500, stage1_steps=30, num_triplets=200, stage2_steps=30,
-                  eval_queries=120, num_tokens=2)
+MINI = DemoConfig(clip_preset="fast", stage1_images=600, stage1_steps=8, num_triplets=128, stage2_steps=8,
+                  eval_queries=60, num_tokens=2)
 
 
 @pytest.fixture(scope="module")

@@ -311,7 +311,7 @@ def test_cli_run_writes_results_rankings_and_submission(tmp_path, monkeypatch, c
     fx = make_cirr(tmp_path / "cirr")
     loaded = []
 
-    def fake_loader(path):
+    def fake_loader(path, device=None):
         loaded.append(path)
         return ScriptedModel(fx.num_images, cirr_val_script(fx))
 
@@ -325,7 +325,7 @@ def test_cli_run_writes_results_rankings_and_submission(tmp_path, monkeypatch, c
     assert "Rsubset@1" in capsys.readouterr().out
     assert set(read_rankings(tmp_path / "rank.json")) == {"100", "101", "102", "103"}
 
-    monkeypatch.setattr(E, "load_model", lambda path: PixelModel())
+    monkeypatch.setattr(E, "load_model", lambda path, device=None: PixelModel())
     args = _parse(["--dataset", "cirr", "--root", str(tmp_path / "cirr"), "--split", "test", "--model", "m",
                    "--submission", str(tmp_path / "sub"), "--no-cache", "--no-progress"])
     assert E.run(args) == 0
@@ -333,7 +333,7 @@ def test_cli_run_writes_results_rankings_and_submission(tmp_path, monkeypatch, c
 
 
 def test_cli_reports_data_errors_with_exit_code(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(E, "load_model", lambda path: PixelModel())
+    monkeypatch.setattr(E, "load_model", lambda path, device=None: PixelModel())
     args = _parse(["--dataset", "circo", "--root", str(tmp_path / "absent"), "--model", "m", "--no-progress"])
     assert E.run(args) == 1
     assert "folder not found" in capsys.readouterr().err

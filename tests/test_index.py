@@ -263,7 +263,7 @@ class FakeComposer:
     loaded_from = []
 
     @classmethod
-    def from_pretrained(cls, folder):
+    def from_pretrained(cls, folder, device="cpu"):
         cls.loaded_from.append(folder)
         return cls()
 

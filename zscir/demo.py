@@ -45,18 +45,18 @@ class DemoConfig(Config):
 
     seed: int = 0
     clip_preset: str = "default"
-    stage1_images: int = 20_000
-    stage1_steps: int = 400
+    stage1_images: int = 10_000
+    stage1_steps: int = 250
     num_triplets: int = 2_000
-    stage2_steps: int = 600
+    stage2_steps: int = 400
     eval_queries: int = 1_000
     num_tokens: int = 4
 
 
 PRESETS = {
     "default": DemoConfig(),
-    "fast": DemoConfig(clip_preset="fast", stage1_images=8_000, stage1_steps=200, num_triplets=1_000,
-                       stage2_steps=250, eval_queries=500),
+    "fast": DemoConfig(clip_preset="fast", stage1_images=5_000, stage1_steps=120, num_triplets=1_000,
+                       stage2_steps=150, eval_queries=500),
 }
 
 
@@ -143,7 +143,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
 
     _stage("Stage I (mapping) on unlabeled images")
     t = time.time()
-    features = shapes_features(base, world.scenes(cfg.stage1_images, stream="stage1"), 64, progress=progress)
+    features = None  # encoded only if some variant still has to be trained
     stage1: Dict[str, Composer] = {}
     curves: Dict[str, List[Dict[str, float]]] = {}
     for name, (phi, loss, concept_weight) in stage1_variants(cfg).items():
@@ -154,6 +154,8 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
             curves[name] = _read_json(folder / f"stage1_{slug}" / "history.json") or []
             print(f"  {name}: reusing {model_dir}")
             continue
+        if features is None:
+            features = shapes_features(base, world.scenes(cfg.stage1_images, stream="stage1"), 64, progress=progress)
         torch.manual_seed(cfg.seed)
         comp = Composer.from_clip(str(clip_dir), phi=phi)
         s1 = Stage1Config(phi=comp.phi.config, loss=loss, concept_weight=concept_weight,
@@ -234,62 +236,22 @@ def format_table(rows: Dict[str, Dict[str, Any]]) -> str:
 
 def _write_figures(folder: OutputFolder, bench: Any, composer: Composer, curves: Dict[str, List[Dict[str, float]]]) -> None:
     """examples.png (reference, text, top 5 with the target marked) and training_curves.png."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: skipping the PNG figures (pip install zscir[plot])")
-        return
     from .data.shapes import render
     from .eval.shapes_eval import composer_encoder
+    from .viz import GridRow, save_retrieval_grid, save_training_curves
 
-    top = bench.rankings(composer_encoder(composer), k=5)
-    rows = list(range(0, len(bench), max(1, len(bench) // 6)))[:6]
-    fig, axes = plt.subplots(len(rows), 6, figsize=(12, 2.3 * len(rows)))
-    for r, qi in enumerate(rows):
-        q = bench.eval_set.queries[qi]
-        ax = axes[r, 0]
-        ax.imshow(render(bench.eval_set.gallery[q.reference_index], 128))
-        ax.set_title("reference", fontsize=8)
-        ax.set_xlabel(_wrap(q.text), fontsize=7)
-        positives = set(bench.positives[qi])
-        for c, gi in enumerate(top[qi].tolist()):
-            ax = axes[r, c + 1]
-            ax.imshow(render(bench.eval_set.gallery[gi], 128))
-            hit = gi in positives
-            ax.set_title(f"#{c + 1}{' TARGET' if hit else ''}", fontsize=8, color="green" if hit else "black")
-            for spine in ax.spines.values():
-                spine.set_edgecolor("green" if hit else "gray")
-                spine.set_linewidth(3 if hit else 0.5)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(folder / "examples.png", dpi=80)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, hist in curves.items():
-        if hist:
-            ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "training_curves.png", dpi=80)
-    plt.close(fig)
-
-
-def _wrap(text: str, width: int = 28) -> str:
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        if len(line) + len(w) + 1 > width:
-            lines.append(line)
-            line = w
-        else:
-            line = f"{line} {w}".strip()
-    return "\n".join(lines + [line])
+    try:
+        top = bench.rankings(composer_encoder(composer), k=5)
+        rows = []
+        for qi in list(range(0, len(bench), max(1, len(bench) // 6)))[:6]:
+            q = bench.eval_set.queries[qi]
+            positives = set(bench.positives[qi])
+            results = [(render(bench.eval_set.gallery[g], 128), "", g in positives) for g in top[qi].tolist()]
+            rows.append(GridRow(render(bench.eval_set.gallery[q.reference_index], 128), q.text, results))
+        save_retrieval_grid(folder / "examples.png", rows)
+        save_training_curves(folder / "training_curves.png", curves)
+    except ImportError as err:
+        logger.warning("%s; skipping the PNG figures", err)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -820,6 +820,7 @@ def index_add_arguments(parser: "argparse.ArgumentParser") -> None:
     parser.add_argument("--index", required=True, help="index folder to create or extend (images already in it are skipped)")
     parser.add_argument("--root", default=None, help="folder that relative paths in a file list are relative to (default: the list's folder)")
     parser.add_argument("--backend", default="exact", choices=BACKENDS.names(), help="also build this FAISS structure (default: exact only)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--backend-param", action="append", metavar="KEY=VALUE", help="FAISS build parameter, e.g. nlist=1024 (repeatable)")
     parser.add_argument("--metric", default="cosine", choices=METRICS, help="similarity for a new index")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -838,7 +839,9 @@ def index_run(args: "argparse.Namespace") -> int:
     if args.batch_size < 1 or args.commit_every < 1:
         raise ValueError("--batch-size and --commit-every must be >= 1")
     paths, ids = _image_list(args.images, args.root)
-    composer = Composer.from_pretrained(args.model)
+    from .models.backbone import default_device
+
+    composer = Composer.from_pretrained(args.model, device=getattr(args, "device", None) or default_device())
     key = model_key_of(composer, args.model)
     folder = Path(args.index)
     index = EmbeddingIndex.open(folder, model_key=key) if (folder / INDEX_META).is_file() else None
@@ -878,6 +881,11 @@ def index_run(args: "argparse.Namespace") -> int:
         commit()
     if index is None:
         raise EmbeddingIndexError(f"nothing was indexed into {folder}: no image could be loaded")
+    src = Path(args.images)
+    base = src if src.is_dir() else Path(args.root) if args.root else src.parent
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(folder / IMAGE_ROOT_FILE, str(base.resolve()) + "\n")  # lets `zscir search --out` find the images
     if args.backend != "exact":
         print(f"building the {args.backend!r} backend over {len(index)} embeddings")
         index.build_backend(args.backend, **backend_params)
@@ -886,6 +894,9 @@ def index_run(args: "argparse.Namespace") -> int:
     print(f"index {folder}: {len(index)} embeddings (dim {index.dim}); {n_bad} image(s) skipped"
           + (f", listed in {bad_log}" if n_bad else ""))
     return 0
+
+
+IMAGE_ROOT_FILE = "image_root.txt"
 
 
 def search_add_arguments(parser: "argparse.ArgumentParser") -> None:
@@ -899,6 +910,10 @@ def search_add_arguments(parser: "argparse.ArgumentParser") -> None:
     parser.add_argument("--search-param", action="append", metavar="KEY=VALUE", help="e.g. nprobe=64 or efSearch=256")
     parser.add_argument("--exclude", action="append", default=[], metavar="ID", help="gallery id never to return (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--out", default=None, help="write a PNG grid (reference, text, top-k with scores)")
+    parser.add_argument("--image-root", default=None,
+                        help="folder the gallery ids are relative to, for --out (default: the folder given to `zscir index`)")
 
 
 def search_run(args: "argparse.Namespace") -> int:
@@ -908,7 +923,9 @@ def search_run(args: "argparse.Namespace") -> int:
 
     params = _parse_params(args.search_param, "--search-param")
     index = EmbeddingIndex.open(args.index)
-    composer = Composer.from_pretrained(args.model)
+    from .models.backbone import default_device
+
+    composer = Composer.from_pretrained(args.model, device=getattr(args, "device", None) or default_device())
     key = model_key_of(composer, args.model)
     if key != index.model_key:
         raise EmbeddingIndexError(f"{args.index} was built with model {index.model_key!r}, but --model is {key!r}")
@@ -923,4 +940,26 @@ def search_run(args: "argparse.Namespace") -> int:
         print(f"{'rank':>4}  {'score':>8}  id")
         for rank, (item_id, score) in enumerate(hits, start=1):
             print(f"{rank:>4}  {score:8.4f}  {item_id}")
+    if args.out:
+        _write_search_grid(args, index, image, hits)
     return 0
+
+
+def _write_search_grid(args: "argparse.Namespace", index: "EmbeddingIndex", image: Any, hits: Sequence[Tuple[Id, float]]) -> None:
+    """PNG of the query and its ranked results; unreadable result images are shown blank."""
+    from PIL import Image
+
+    from .data.images import ImageLoadError
+    from .viz import GridRow, save_retrieval_grid
+
+    root_file = Path(args.index) / IMAGE_ROOT_FILE
+    root = Path(args.image_root or (root_file.read_text().strip() if root_file.is_file() else "."))
+    results = []
+    for item_id, score in hits:
+        try:
+            shown = load_image(root / str(item_id))
+        except ImageLoadError:
+            shown = Image.new("RGB", (64, 64), "gray")
+        results.append((shown, f"{score:.3f}", False))
+    save_retrieval_grid(args.out, [GridRow(image, args.text, results)])
+    print(f"wrote {args.out}")

@@ -620,11 +620,12 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------- CLI
-def load_model(model_dir: PathLike) -> RetrievalModel:
+def load_model(model_dir: PathLike, device: Optional[str] = None) -> RetrievalModel:
     """Load the model folder for ``zscir eval --model DIR`` (a :class:`zscir.composer.Composer`)."""
     from ..composer import Composer
+    from ..models.backbone import default_device
 
-    return Composer.from_pretrained(model_dir)
+    return Composer.from_pretrained(model_dir, device=device or default_device())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -634,6 +635,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", choices=["val", "test"], help="split (CIRR test means test1)")
     parser.add_argument("--model", required=True, help="model folder written by Composer.save_pretrained")
     parser.add_argument("--batch-size", type=int, default=64, help="images / queries per model call")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=0, help="image decoding processes (0: decode in the main process)")
     parser.add_argument("--save-rankings", metavar="FILE", help="write each query's top-50 gallery ids to FILE (JSON)")
     parser.add_argument("--submission", metavar="DIR", help="write the CIRR / CIRCO test-server JSON files into DIR")
@@ -667,7 +669,7 @@ def _dataset_options(args: argparse.Namespace) -> Dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Run ``zscir eval``: load the model, evaluate, print the table; exit code 1 on data errors."""
     try:
-        model = load_model(args.model)
+        model = load_model(args.model, getattr(args, "device", None))
         evaluate(
             model,
             args.dataset,

@@ -370,6 +370,11 @@ def _load_weight_file(model: nn.Module, path: Path) -> None:
     load_state_strict(model, state, source=str(path))
 
 
+def default_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_backbone(
     model_name: str = "zscir-tiny",
     pretrained: Optional[str] = None,

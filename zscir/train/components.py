@@ -93,6 +93,23 @@ def modification_text_features(task: Any, batch_size: int = 512) -> torch.Tensor
     return feats
 
 
+def text_feature_state(task: Any, owner: Stage2Component) -> Dict[str, torch.Tensor]:
+    """The cached modification-text features as checkpoint tensors, from the first component that uses them.
+
+    A resumed run must not re-encode them with the by-then trained adapters;
+    one copy is saved however many components share the cache.
+    """
+    first = next((c for c in task.components if getattr(c, "uses_text_features", False)), None)
+    feats = _TEXT_FEATURES.get(task)
+    return {} if feats is None or first is not owner else {"text_features": feats}
+
+
+def load_text_feature_state(task: Any, tensors: Dict[str, torch.Tensor]) -> None:
+    """Restore :func:`text_feature_state`."""
+    if "text_features" in tensors:
+        _TEXT_FEATURES[task] = tensors["text_features"].float()
+
+
 def _global_index(out: Dict[str, torch.Tensor]) -> torch.Tensor:
     return out["index"].long()
 
@@ -223,6 +240,7 @@ class MeltRarity(Stage2Component):
     """
 
     name = "melt_rarity"
+    uses_text_features = True
 
     def __init__(self, task: Any, options: Dict[str, Any]) -> None:
         super().__init__(task, options)
@@ -285,6 +303,24 @@ class MeltRarity(Stage2Component):
             return None
         return w.to(out["query"].dtype)
 
+    @torch.no_grad()
+    def triplet_weights(self, batch_size: int = 256) -> torch.Tensor:
+        """Un-normalised weights 1 + beta * softplus(z) of every triplet under the current pooling and statistics."""
+        t = self.task.triplets
+        text = modification_text_features(self.task)
+        device = next(self.pool.parameters()).device
+        was = self.pool.training
+        self.pool.eval()
+        out = []
+        for s in range(0, len(t), batch_size):
+            e = text[s: s + batch_size].to(device)
+            x = t.ref_patches[s: s + batch_size] if t.ref_patches is not None else t.ref_pooled[s: s + batch_size].unsqueeze(1)
+            pooled, _ = self.pool(e, x.to(device, e.dtype))
+            z = self.score_moments.standardise(self.rarity_scores(e, pooled).unsqueeze(1)).squeeze(1)
+            out.append((1 + self.opts.beta * F.softplus(z)).cpu())
+        self.pool.train(was)
+        return torch.cat(out) if out else torch.empty(0)
+
     def loss(self, out, batch, step, main_logits):
         """Auxiliary InfoNCE that trains the attention pooling (pooled feature <-> its modification text)."""
         logs = dict(self.last)
@@ -301,12 +337,13 @@ class MeltRarity(Stage2Component):
             "residual_mean": self.residual_moments.mean, "residual_var": self.residual_moments.var,
             "residual_count": self.residual_moments.count, "score_mean": self.score_moments.mean,
             "score_var": self.score_moments.var, "score_count": self.score_moments.count,
-            "updates": torch.tensor(self.updates),
+            "updates": torch.tensor(self.updates), **text_feature_state(self.task, self),
         }
 
     def load(self, tensors: Dict[str, torch.Tensor]) -> None:
         """Restore :meth:`state`."""
-        if not tensors:
+        load_text_feature_state(self.task, tensors)
+        if "updates" not in tensors:
             return
         for prefix, moments in (("residual", self.residual_moments), ("score", self.score_moments)):
             moments.mean.copy_(tensors[f"{prefix}_mean"])
@@ -664,7 +701,7 @@ class MidZoneOptions(Config):
     bounds: str = "value"  # "value": lo/hi are deltas in cosine units; "quantile": per-row quantiles of delta
     lo: float = -0.15  # deltas below: easy negatives (skipped)
     hi: float = -0.01  # deltas above: likely false negatives (skipped)
-    per_query: int = 1  # negatives per query and step
+    per_query: int = 4  # negatives per query and step
     pool: int = 32  # zone members kept per triplet at each refresh
     refresh_every: int = 0  # steps between refreshes with the current model; 0: Stage2Config.refresh_every
     warmup_steps: int = 20  # random negatives before the first refresh
@@ -952,6 +989,7 @@ class AttributeQueries(Stage2Component):
     """
 
     name = "dqe_attributes"
+    uses_text_features = True
 
     def __init__(self, task: Any, options: Dict[str, Any]) -> None:
         super().__init__(task, options)
@@ -1009,6 +1047,14 @@ class AttributeQueries(Stage2Component):
         entropy = float(-(w * w.clamp_min(1e-8).log()).sum(1).mean())
         return o.weight * (nce + hinge), {"dqe_attr_nce": float(nce.detach()), "dqe_attr_margin": float(hinge.detach()),
                                           "dqe_attr_entropy": entropy}
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        """The cached modification-text features (unless another component saves them)."""
+        return text_feature_state(self.task, self)
+
+    def load(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state`."""
+        load_text_feature_state(self.task, tensors)
 
 
 def attribute_weights_by_kind(task: Any, kinds: Sequence[str]) -> Dict[str, Dict[str, float]]:

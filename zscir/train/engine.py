@@ -58,6 +58,27 @@ class TrainConfig(Config):
     log_every: int = 10
 
 
+def add_train_arguments(parser: Any) -> None:
+    """The optimisation flags every training command shares (override the JSON config)."""
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--save-every", type=int, default=None, help="steps between resumable checkpoints")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def train_config_from_args(train: "TrainConfig", args: Any) -> "TrainConfig":
+    """`train` with the command-line overrides of :func:`add_train_arguments` applied."""
+    for name in ("steps", "batch_size", "lr", "save_every", "mixed_precision", "seed"):
+        value = getattr(args, name, None)
+        if value is not None:
+            train = dataclasses.replace(train, **{name: value})
+    return train
+
+
 class TrainTask:
     """What a stage supplies to the engine."""
 

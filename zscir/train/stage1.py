@@ -38,7 +38,7 @@ from ..config import Config
 from ..losses import clip_contrastive, concept_alignment, soft_contrastive
 from ..models.phi import PhiConfig
 from ..registry import Registry
-from .engine import TrainConfig, Trainer, TrainTask
+from .engine import TrainConfig, Trainer, TrainTask, add_train_arguments, train_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -187,36 +187,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--hf-dataset", help="Hugging Face datasets name or local path (image column: --image-column)")
     src.add_argument("--shapes", type=int, metavar="N", help="N unlabeled images of the built-in shapes world")
     parser.add_argument("--image-column", default="image")
+    parser.add_argument("--device", default=None, help="cuda or cpu for feature caching (default: cuda when available)")
     parser.add_argument("--model", default="zscir-tiny", help="open_clip model name or backbone folder (default: tiny CLIP)")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weight file (e.g. openai)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (model in OUT/model)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder")
     parser.add_argument("--config", type=Path, default=None, help="Stage1Config JSON")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
+    add_train_arguments(parser)
     parser.add_argument("--num-tokens", type=int, default=None)
     parser.add_argument("--loss", choices=STAGE1_LOSSES.names(), default=None)
     parser.add_argument("--no-vsi", action="store_true", help="disable visual semantic injection")
     parser.add_argument("--concept-weight", type=float, default=None)
     parser.add_argument("--concepts", type=Path, default=None, help="concept phrases, one per line")
     parser.add_argument("--patch-grid", type=int, default=4, help="cache the patch grid pooled to GxG (0: full)")
-    parser.add_argument("--save-every", type=int, default=None)
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/state")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def config_from_args(args: argparse.Namespace) -> Stage1Config:
     """Stage1Config from a JSON file and command-line overrides."""
     cfg = Stage1Config.from_json(args.config) if args.config else Stage1Config()
-    train = cfg.train
-    for name, attr in [("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("save_every", "save_every"),
-                       ("mixed_precision", "mixed_precision"), ("seed", "seed")]:
-        value = getattr(args, name)
-        if value is not None:
-            train = dataclasses.replace(train, **{attr: value})
+    train = train_config_from_args(cfg.train, args)
     phi = cfg.phi
     if args.num_tokens is not None:
         phi = dataclasses.replace(phi, num_tokens=args.num_tokens)
@@ -235,7 +224,9 @@ def run(args: argparse.Namespace) -> int:
     from ..data.features import FeatureCache
 
     cfg = config_from_args(args)
-    composer = Composer.from_clip(args.model, args.pretrained, phi=cfg.phi)
+    from ..models.backbone import default_device
+
+    composer = Composer.from_clip(args.model, args.pretrained, phi=cfg.phi, device=args.device or default_device())
     cfg = dataclasses.replace(cfg, phi=composer.phi.config)
     concepts = None
     if args.concepts:

@@ -39,7 +39,7 @@ from ..config import Config
 from ..losses import info_nce_with_negatives
 from ..models.adapters import AdapterConfig, count_trainable
 from ..registry import Registry
-from .engine import TrainConfig, Trainer, TrainTask
+from .engine import TrainConfig, Trainer, TrainTask, add_train_arguments, train_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -420,6 +420,7 @@ def train_stage2(composer: Composer, triplets: TripletFeatures, cfg: Stage2Confi
                  output_dir: Optional[Path] = None, resume: bool = False, progress: bool = True) -> Tuple[Composer, Any]:
     """Insert adapters (if missing) and train them on the triplets; save ``output_dir/model``."""
     if composer.config.adapters is None:
+        torch.manual_seed(cfg.train.seed)  # adapter initialisation does not depend on what ran before
         prepare_stage2(composer, cfg.adapters)
     task = Stage2Task(composer, triplets, cfg, corpus)
     logger.info("stage II trainable parameters: %d", count_trainable(task.module))
@@ -469,6 +470,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="Stage-I model folder")
     parser.add_argument("--triplets", required=True, help="triplets (.jsonl, .csv, or a Hugging Face dataset path)")
     parser.add_argument("--image-root", default=None, help="folder the triplet image paths are relative to")
+    parser.add_argument("--device", default=None, help="cuda or cpu for feature encoding (default: cuda when available)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (model in OUT/model)")
     parser.add_argument("--config", type=Path, default=None, help="Stage2Config JSON")
     parser.add_argument("--adapter", choices=["bottleneck", "lora", "full"], default=None)
@@ -476,22 +478,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-rank", type=int, default=None)
     parser.add_argument("--components", default=None, help="comma-separated Stage-II components, e.g. reference,query_negative")
     parser.add_argument("--corpus", default=None, help="image folder whose features serve as mined/bank negatives")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--save-every", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    add_train_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> Stage2Config:
     """Stage2Config from a JSON file and overrides."""
     cfg = Stage2Config.from_json(args.config) if args.config else Stage2Config()
-    train = cfg.train
-    for name in ("steps", "batch_size", "lr", "save_every", "seed"):
-        if getattr(args, name) is not None:
-            train = dataclasses.replace(train, **{name: getattr(args, name)})
+    train = train_config_from_args(cfg.train, args)
     ad = cfg.adapters
     if args.adapter:
         ad = dataclasses.replace(ad, kind=args.adapter)
@@ -510,7 +503,9 @@ def run(args: argparse.Namespace) -> int:
     from ..data.triplets import load_triplets
 
     cfg = config_from_args(args)
-    composer = Composer.from_pretrained(args.model)
+    from ..models.backbone import default_device
+
+    composer = Composer.from_pretrained(args.model, device=args.device or default_device())
     triplets = load_triplets(args.triplets, image_root=args.image_root)
     prompt = composer.config.query_prompt.replace("{modification}", "").replace(composer.config.placeholder, "")
     overhead = len(composer.backbone.tokenizer([prompt])[0].nonzero()) + composer.phi.config.num_tokens
@@ -524,7 +519,7 @@ def run(args: argparse.Namespace) -> int:
         from ..data.images import load_image
 
         feats_c = torch.cat([composer.encode_images([load_image(p) for p in paths[s: s + 64]])
-                             for s in range(0, len(paths), 64)])
+                             for s in range(0, len(paths), 64)]).cpu()
         corpus = Corpus(feats_c, [str(p) for p in paths])
     train_stage2(composer, feats, cfg, corpus=corpus, output_dir=args.out, resume=args.resume,
                  progress=not args.no_progress)
@@ -549,3 +544,6 @@ def shapes_triplet_features(composer: Composer, edits: Sequence[Any], image_size
         targets.append(F.normalize(g.pooled, dim=-1))
     return TripletFeatures(torch.cat(refs), torch.cat(patches), torch.cat(targets), [e.text for e in edits],
                            [e.kind for e in edits], [e.source.key for e in edits], [e.target.key for e in edits])
+
+
+from . import components  # noqa: E402,F401  (registers the MELT / SPN / DQE-CIR components)
