@@ -17,11 +17,18 @@ from zscir.train.stage2 import Corpus, Stage2Config, Stage2Task, TripletFeatures
 D = 64  # zscir-micro embedding width
 
 
-def fake_task(dim=D, batch_size=32, components=(), n=4):
-    """The few task attributes the components read in their constructors."""
-    cfg = Stage2Config(components=tuple(components), train=TrainConfig(batch_size=batch_size))
-    trip = SimpleNamespace(target=F.normalize(torch.randn(n, dim), dim=-1), kinds=[""] * n, modifications=[""] * n)
-    return SimpleNamespace(cfg=cfg, triplets=trip, corpus=None, components=[])
+class FakeTask:
+    """The few task attributes the components read (a plain class: caches key on tasks by weak reference)."""
+
+    def __init__(self, dim=D, batch_size=32, components=(), n=4):
+        self.cfg = Stage2Config(components=tuple(components), train=TrainConfig(batch_size=batch_size))
+        self.triplets = SimpleNamespace(target=F.normalize(torch.randn(n, dim), dim=-1), kinds=[""] * n,
+                                        modifications=[""] * n)
+        self.corpus = None
+        self.components = []
+
+
+fake_task = FakeTask
 
 
 def random_triplets(n=96, kinds=None, texts=None, seed=0):

@@ -89,3 +89,19 @@ def test_search_over_matrix(composer):
     scores, idx = composer.search(imgs[0], "make it green", gallery, k=10)
     assert idx.shape == (1, 3) and sorted(idx[0].tolist()) == [0, 1, 2]
     assert torch.all(scores[0, :-1] >= scores[0, 1:])
+
+
+def test_image_residual_is_inert_at_zero_and_round_trips(composer, tmp_path):
+    img = Image.new("RGB", (64, 64), "pink")
+    before = composer.encode_query([img], ["add a star"])
+    composer.enable_image_residual()
+    assert torch.equal(before, composer.encode_query([img], ["add a star"]))  # w = 0: Stage II starts at Stage I
+    with torch.no_grad():
+        composer.residual_weight.fill_(0.7)
+    after = composer.encode_query([img], ["add a star"])
+    image = composer.encode_images([img])
+    assert (after @ image.T).item() > (before @ image.T).item()  # the query moved towards the reference image
+    composer.save_pretrained(tmp_path / "r")
+    again = Composer.from_pretrained(tmp_path / "r")
+    assert again.config.image_residual and float(again.residual_weight) == pytest.approx(0.7)
+    assert torch.equal(again.encode_query([img], ["add a star"]), after)

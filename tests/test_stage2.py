@@ -58,7 +58,7 @@ def test_stage2_learns_to_compose_on_held_out_phrasing(stage1_model, world, smal
     comp, result = _train(stage1_model, world, edits)
     after = small_bench.evaluate(composer_encoder(comp))
     losses = [h["loss"] for h in result.history]
-    assert after["R@10"] > before["R@10"] + 10, (before["R@10"], after["R@10"])
+    assert after["R@10"] > before["R@10"] + 5, (before["R@10"], after["R@10"])
     assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:2])
     assert after["per_kind_R@10"]["remove"] > before["per_kind_R@10"]["remove"]
 

@@ -60,7 +60,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Parse arguments and run a subcommand; user errors print one line, not a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # third-party INFO chatter (open_clip logs on the root logger) only with --verbose
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("zscir").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -50,6 +50,7 @@ class ComposerConfig(Config):
     image_prompt: str = "a photo of $"
     placeholder: str = "$"
     embed_backbone: bool = False  # backbone weights stored in the folder (local/tiny backbones)
+    image_residual: bool = False  # query = normalise(composed + w * reference image), w learned in Stage II
     stage: str = "untrained"  # "untrained", "stage1", "stage2"
 
     @classmethod
@@ -70,6 +71,7 @@ class Composer(nn.Module):
         self.backbone = backbone
         self.phi = phi
         self.config = config
+        self.residual_weight = nn.Parameter(torch.zeros(()), requires_grad=False) if config.image_residual else None
         self.adapter_keys: List[str] = []
         if config.adapters is not None:
             prefix = "transformer." if hasattr(backbone.model, "transformer") else "text.transformer."
@@ -131,6 +133,8 @@ class Composer(nn.Module):
     def _persistent_state(self) -> Dict[str, torch.Tensor]:
         """Tensors a model folder stores: phi, adapters, and the backbone if embedded."""
         state: Dict[str, torch.Tensor] = {f"phi.{k}": v for k, v in self.phi.state_dict().items()}
+        if self.residual_weight is not None:
+            state["residual_weight"] = self.residual_weight.data
         adapter_keys = set(self.adapter_keys)
         for k, v in self.backbone.model.state_dict().items():
             if self.config.embed_backbone or k in adapter_keys:
@@ -183,9 +187,21 @@ class Composer(nn.Module):
 
     def compose_features(self, pooled: torch.Tensor, patches: Optional[torch.Tensor], texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised query embeddings from image features and modification texts."""
-        tokens = self.pseudo_tokens(pooled, patches)
-        return self.backbone.encode_with_pseudo_tokens(self.query_prompts(texts), tokens,
-                                                       self.config.placeholder, normalize=True)
+        return self.compose_tokens(self.pseudo_tokens(pooled, patches), pooled, texts)
+
+    def compose_tokens(self, tokens: torch.Tensor, pooled: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised query embeddings from pseudo tokens (+ the reference feature when the residual is on)."""
+        q = self.backbone.encode_with_pseudo_tokens(self.query_prompts(texts), tokens, self.config.placeholder,
+                                                    normalize=True)
+        if self.residual_weight is None:
+            return q
+        return F.normalize(q + self.residual_weight * F.normalize(pooled, dim=-1), dim=-1)
+
+    def enable_image_residual(self) -> None:
+        """Add the (zero-initialised, so initially inert) reference-image residual to the query."""
+        if self.residual_weight is None:
+            self.residual_weight = nn.Parameter(torch.zeros((), device=self.device), requires_grad=False)
+            self.config.image_residual = True
 
     @torch.no_grad()
     def encode_query(self, images: Sequence[ImageInput], texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:

@@ -345,10 +345,16 @@ def _create(model_name: str, model_cfg: Optional[Dict[str, Any]], pretrained: Op
             f"unknown model name {model_name!r}" + (f"; did you mean {close}?" if close else "")
             + " (see open_clip.list_models())"
         )
+    root = logging.getLogger()
+    level = root.level
+    if pretrained is None:  # weights come from our own file (or stay random on purpose): silence open_clip's warning
+        root.setLevel(logging.ERROR)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
     except RuntimeError as err:
         raise BackboneError(f"could not load {model_name!r} with pretrained={pretrained!r}: {err}") from None
+    finally:
+        root.setLevel(level)
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, tokenizer, preprocess
 

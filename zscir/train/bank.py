@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..composer import Composer
 from ..config import Config
-from .engine import TrainConfig
+from .engine import TrainConfig, add_train_arguments, train_config_from_args
 from .stage2 import Corpus, Stage2Config, TripletFeatures, train_stage2
 
 logger = logging.getLogger(__name__)
@@ -152,23 +152,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dedup-threshold", type=float, default=None, help="cosine at which bank images are merged")
     parser.add_argument("--no-triplet-images", action="store_true", help="bank = corpus images only")
     parser.add_argument("--train-phi", action="store_true", help="also fine-tune the phi-network")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--save-every", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_train_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> BankStageConfig:
     """BankStageConfig from a JSON file and command-line overrides."""
     cfg = BankStageConfig.from_json(args.config) if args.config else BankStageConfig()
-    train = cfg.train
-    for name in ("steps", "batch_size", "lr", "save_every", "seed"):
-        if getattr(args, name) is not None:
-            train = dataclasses.replace(train, **{name: getattr(args, name)})
-    changes: Dict[str, Any] = {"train": train}
+    changes: Dict[str, Any] = {"train": train_config_from_args(cfg.train, args)}
     if args.negatives is not None:
         if args.negatives < 0:
             raise ValueError(f"--negatives must be >= 0, got {args.negatives}")
@@ -201,8 +192,10 @@ def run(args: argparse.Namespace) -> int:
     from ..data.triplets import load_triplets
     from .stage2 import encode_triplets
 
+    from ..models.backbone import default_device
+
     cfg = config_from_args(args)
-    composer = Composer.from_pretrained(args.model)
+    composer = Composer.from_pretrained(args.model, device=args.device or default_device())
     if composer.config.adapters is None:
         raise ValueError(f"{args.model}: not a Stage-II model (no adapters); run zscir train-stage2 first")
     triplets = load_triplets(args.triplets, image_root=args.image_root)

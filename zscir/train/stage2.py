@@ -51,6 +51,7 @@ class Stage2Config(Config):
     """Stage-II adapters, negatives and optimisation."""
 
     adapters: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+    image_residual: bool = False  # learn w in normalise(composed + w * reference image); w starts at 0
     train_phi: bool = False
     init_scale: float = 1 / 0.05
     learnable_scale: bool = True
@@ -151,11 +152,9 @@ class Stage2Module(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in c.phi.parameters())):
             tokens = c.phi(batch["ref_pooled"], batch["ref_patches"])
         out: Dict[str, torch.Tensor] = {"tokens": tokens}
-        out["query"] = c.backbone.encode_with_pseudo_tokens(c.query_prompts(batch["modifications"]), tokens,
-                                                            c.config.placeholder, normalize=True)
+        out["query"] = c.compose_tokens(tokens, batch["ref_pooled"], batch["modifications"])
         if batch.get("neg_modifications") is not None:
-            out["query_neg"] = c.backbone.encode_with_pseudo_tokens(c.query_prompts(batch["neg_modifications"]), tokens,
-                                                                    c.config.placeholder, normalize=True)
+            out["query_neg"] = c.compose_tokens(tokens, batch["ref_pooled"], batch["neg_modifications"])
         out["target"] = batch["target"]
         out["target_code"] = batch["target_code"]
         out["reference"] = F.normalize(batch["ref_pooled"], dim=-1)
@@ -176,6 +175,9 @@ class Stage2Task(TrainTask):
             raise ValueError("stage II needs a Composer with adapters (use prepare_stage2)")
         for p in composer.phi.parameters():
             p.requires_grad_(cfg.train_phi)
+        if cfg.image_residual:
+            composer.enable_image_residual()
+            composer.residual_weight.requires_grad_(True)
         self.components: List[Stage2Component] = []
         for name in cfg.components:
             cls = STAGE2_COMPONENTS.get(name)
