@@ -263,9 +263,9 @@ class SearchBackend(abc.ABC):
         """Write the structure to `path` atomically."""
 
     @classmethod
+    @abc.abstractmethod
     def load(cls, path: Path, dim: int, params: Dict[str, Any]) -> "SearchBackend":
         """Read a structure written by :meth:`save`."""
-        raise NotImplementedError
 
 
 BACKENDS: Registry = Registry("index backend")
@@ -276,9 +276,9 @@ class _FaissBackend(SearchBackend):
 
     search_defaults: Dict[str, Any] = {}
 
+    @abc.abstractmethod
     def factory_string(self, n: int) -> str:
         """The faiss.index_factory description for a corpus of `n` vectors."""
-        raise NotImplementedError
 
     def train_size(self, n: int) -> int:
         """How many vectors to train on (0 = no training needed)."""

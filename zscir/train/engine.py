@@ -18,6 +18,7 @@ safetensors, step/RNG/scheduler state to JSON, both written atomically.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import logging
@@ -79,22 +80,22 @@ def train_config_from_args(train: "TrainConfig", args: Any) -> "TrainConfig":
     return train
 
 
-class TrainTask:
+class TrainTask(abc.ABC):
     """What a stage supplies to the engine."""
 
     module: nn.Module  # forward(batch) -> dict of per-sample tensors; trainable parameters have requires_grad
 
+    @abc.abstractmethod
     def num_examples(self) -> int:
         """Size of the example pool that batches are drawn from."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def make_batch(self, indices: torch.Tensor, step: int) -> Any:
         """Build this rank's batch from example indices."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, outputs: Dict[str, torch.Tensor], batch: Any, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Loss over the global batch (outputs gathered from all ranks) and scalar logs."""
-        raise NotImplementedError
 
     def on_step_end(self, step: int, module: nn.Module) -> None:
         """Hook after each optimiser step (e.g. refresh mined negatives)."""
