@@ -71,7 +71,9 @@ class Composer(nn.Module):
         self.backbone = backbone
         self.phi = phi
         self.config = config
-        self.residual_weight = nn.Parameter(torch.zeros(()), requires_grad=False) if config.image_residual else None
+        self.residual_weight: Optional[nn.Parameter] = None
+        if config.image_residual:
+            self.enable_image_residual()
         self.adapter_keys: List[str] = []
         if config.adapters is not None:
             prefix = "transformer." if hasattr(backbone.model, "transformer") else "text.transformer."

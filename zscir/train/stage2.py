@@ -515,14 +515,9 @@ def run(args: argparse.Namespace) -> int:
     feats = encode_triplets(composer, triplets, progress=not args.no_progress)
     corpus = None
     if args.corpus:
-        from ..data.images import list_images
+        from .bank import corpus_features  # cached on disk; corrupt corpus images are logged and skipped
 
-        paths = list_images(args.corpus)
-        from ..data.images import load_image
-
-        feats_c = torch.cat([composer.encode_images([load_image(p) for p in paths[s: s + 64]])
-                             for s in range(0, len(paths), 64)]).cpu()
-        corpus = Corpus(feats_c, [str(p) for p in paths])
+        corpus = Corpus(*corpus_features(composer, args.corpus, args.out / "features", progress=not args.no_progress))
     train_stage2(composer, feats, cfg, corpus=corpus, output_dir=args.out, resume=args.resume,
                  progress=not args.no_progress)
     print(f"stage II model: {args.out / 'model'}")
