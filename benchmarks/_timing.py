@@ -1,17 +1,19 @@
 """Shared timing helper for the benchmark scripts."""
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable, Dict
 
 
 def seconds_per_call(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
-    """Mean seconds per call of each function, after one warm-up call."""
-    out = {}
-    for name, fn in fns.items():
+    """Median seconds per call of each function (calls interleaved, after one warm-up call each)."""
+    for fn in fns.values():
         fn()
-        start = time.perf_counter()
-        for _ in range(repeats):
+    samples: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):  # interleaved, so a burst of load on a shared machine hits every function alike
+        for name, fn in fns.items():
+            start = time.perf_counter()
             fn()
-        out[name] = (time.perf_counter() - start) / repeats
-    return out
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in samples.items()}

@@ -2,7 +2,9 @@
 
 Rows: Pic2Word-style (1 token, MLP, hard contrastive), SEARLE-style (1 token, MLP with
 dropout 0.5, hard contrastive, no distillation) and zscir with VSI / soft alignment / both,
-plus the image-only, text-only and image+text-sum baselines for composition.
+plus the image-only, text-only and image+text-sum baselines for composition. zscir rows use
+--num-tokens global tokens; VSI adds 2 detail tokens after them (the "added to tokens" row
+instead adds the VSI output to each global token, the earlier design).
 
 Columns: inversion R@1/R@5 ("a photo of $" retrieves its own image among 1,000 held-out
 images) and composed retrieval ("a photo of $ that {modification}", held-out phrasing
@@ -40,6 +42,7 @@ VARIANTS = {
     "zscir VSI only (hard)": (dict(use_vsi=True), "hard", 0.0),
     "zscir soft only (no VSI)": (dict(use_vsi=False), "soft", 1.0),
     "zscir VSI + soft": (dict(use_vsi=True), "soft", 1.0),
+    "zscir VSI added to tokens + soft": (dict(use_vsi=True, vsi_mode="add"), "soft", 1.0),
 }
 
 
@@ -71,9 +74,9 @@ def step_cost(composer: Composer, features, cfg: Stage1Config, repeats: int = 10
 def main() -> None:
     """Train every variant, print the table, write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clip-preset", default="fast")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--images", type=int, default=20000)
+    ap.add_argument("--clip-preset", default="default")
+    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--num-tokens", type=int, default=4)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -105,11 +108,11 @@ def main() -> None:
             cost = step_cost(comp, features, cfg)
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "composed"}), flush=True)
     print(f"\ntiny CLIP ({args.clip_preset}): held-out text->image R@1 {clip_report['heldout_text_to_image']['R@1']:.3f}")
-    print(f"{'method':<26}{'inv R@1':>9}{'inv R@5':>9}{'R@1':>8}{'R@10':>8}{'mR@10':>8}")
+    print(f"{'method':<34}{'inv R@1':>9}{'inv R@5':>9}{'R@1':>8}{'R@10':>8}{'mR@10':>8}")
     for name, r in rows.items():
         inv = r.get("inversion", {})
         c = r["composed"]
-        print(f"{name:<26}{inv.get('R@1', float('nan')):>9.1f}{inv.get('R@5', float('nan')):>9.1f}"
+        print(f"{name:<34}{inv.get('R@1', float('nan')):>9.1f}{inv.get('R@5', float('nan')):>9.1f}"
               f"{c['R@1']:>8.1f}{c['R@10']:>8.1f}{c['mean_R@10_over_kinds']:>8.1f}")
     if cost:
         print(f"\nstage-I step {cost['stage1_step'] * 1e3:.1f} ms vs bare text encoder fwd+bwd "

@@ -14,7 +14,7 @@ ANNOTATIONS = Path(os.environ.get("ZSCIR_ANNOTATIONS", Path(__file__).resolve().
 def tiny_clip_dir():
     """Backbone folder of the 'fast' tiny CLIP from the user cache (pretrained here on first use, ~3-4 min).
 
-    The same cached model serves the tests, ``zscir demo --fast`` and the benchmarks.
+    The same cached model serves the tests and the benchmarks' ``--clip-preset fast``.
     """
     from zscir.train.clip_pretrain import pretrained_tiny_clip
 
@@ -37,12 +37,13 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def stage1_model(tiny_clip_dir, world, tmp_path_factory):
-    """A small Stage-I model (2 tokens, VSI + soft alignment) trained on the tiny CLIP; (folder, history)."""
+    """A small Stage-I model (2 global + 2 VSI tokens, soft alignment) trained on the tiny CLIP; (folder, history)."""
     from zscir.composer import Composer
     from zscir.models.phi import PhiConfig
     from zscir.train.engine import TrainConfig
     from zscir.train.stage1 import Stage1Config, shapes_features, train_stage1
 
+    torch.manual_seed(0)  # the same fixture whichever tests ran before
     composer = Composer.from_clip(str(tiny_clip_dir), phi=PhiConfig(num_tokens=2, vsi_layers=1))
     feats = shapes_features(composer, world.scenes(3000, stream="stage1-test"), 64)
     cfg = Stage1Config(phi=composer.phi.config, concept_weight=0.5,

@@ -19,11 +19,15 @@ from zscir.train.stage1 import Stage1Config, shapes_features, train_stage1
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("use_global,use_vsi", [(True, False), (False, True), (True, True)])
-def test_phi_branches(use_global, use_vsi):
-    phi = PhiNetwork(PhiConfig(embed_dim=32, token_dim=48, num_tokens=3, use_global=use_global, use_vsi=use_vsi))
+@pytest.mark.parametrize("use_global,use_vsi,mode,tokens", [
+    (True, False, "concat", 3), (False, True, "concat", 2), (True, True, "concat", 5), (True, True, "add", 3)])
+def test_phi_branches(use_global, use_vsi, mode, tokens):
+    cfg = PhiConfig(embed_dim=32, token_dim=48, num_tokens=3, vsi_tokens=2, use_global=use_global, use_vsi=use_vsi,
+                    vsi_mode=mode)
+    assert cfg.total_tokens == tokens
+    phi = PhiNetwork(cfg)
     out = phi(torch.randn(5, 32), torch.randn(5, 9, 32))
-    assert out.shape == (5, 3, 48)
+    assert out.shape == (5, tokens, 48)
     if use_vsi:
         with pytest.raises(ValueError, match="patch tokens"):
             phi(torch.randn(5, 32), None)
@@ -36,6 +40,8 @@ def test_phi_branches(use_global, use_vsi):
 def test_phi_needs_a_branch():
     with pytest.raises(ValueError, match="global branch, VSI, or both"):
         PhiConfig(use_global=False, use_vsi=False)
+    with pytest.raises(ValueError, match="vsi_mode"):
+        PhiConfig(vsi_mode="stack")
 
 
 def test_soft_losses_behave():

@@ -41,7 +41,7 @@ def small_bench(tiny_clip_dir, world):
     return ShapesBenchmark(load_backbone(str(tiny_clip_dir)), world, n_queries=300, stream="eval-test")
 
 
-def _train(stage1_model, world, edits, components=("reference", "query_negative"), steps=150, corpus=None):
+def _train(stage1_model, world, edits, components=Stage2Config().components, steps=150, corpus=None):
     comp = Composer.from_pretrained(stage1_model[0])
     trip = shapes_triplet_features(comp, edits, 64)
     cfg = Stage2Config(components=components,
@@ -51,14 +51,16 @@ def _train(stage1_model, world, edits, components=("reference", "query_negative"
 
 
 def test_stage2_learns_to_compose_on_held_out_phrasing(stage1_model, world, small_bench):
-    from zscir.eval.shapes_eval import composer_encoder
+    from zscir.eval.shapes_eval import composer_encoder, image_plus_text
 
     before = small_bench.evaluate(composer_encoder(Composer.from_pretrained(stage1_model[0])))
     edits = world.make_triplets(800, family="train", stream="triplets-test")
-    comp, result = _train(stage1_model, world, edits)
+    comp, result = _train(stage1_model, world, edits, steps=250)
     after = small_bench.evaluate(composer_encoder(comp))
+    summed = small_bench.evaluate(image_plus_text(comp.backbone))
     losses = [h["loss"] for h in result.history]
     assert after["R@10"] > before["R@10"] + 5, (before["R@10"], after["R@10"])
+    assert after["R@10"] > summed["R@10"], (summed["R@10"], after["R@10"])
     assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:2])
     assert after["per_kind_R@10"]["remove"] > before["per_kind_R@10"]["remove"]
 

@@ -48,14 +48,14 @@ class DemoConfig(Config):
     stage1_images: int = 10_000
     stage1_steps: int = 250
     num_triplets: int = 2_000
-    stage2_steps: int = 400
+    stage2_steps: int = 300
     eval_queries: int = 1_000
     num_tokens: int = 4
 
 
 PRESETS = {
     "default": DemoConfig(),
-    "fast": DemoConfig(clip_preset="fast", stage1_images=5_000, stage1_steps=120, num_triplets=1_000,
+    "fast": DemoConfig(clip_preset="quick", stage1_images=5_000, stage1_steps=100, num_triplets=1_000,
                        stage2_steps=150, eval_queries=500),
 }
 
@@ -65,7 +65,7 @@ def stage1_variants(cfg: DemoConfig) -> Dict[str, Any]:
     return {
         "Pic2Word-style": (PhiConfig(num_tokens=1, use_vsi=False, dropout=0.1), "hard", 0.0),
         "SEARLE-style": (PhiConfig(num_tokens=1, use_vsi=False, dropout=0.5), "hard", 0.0),
-        "zscir Stage I": (PhiConfig(num_tokens=cfg.num_tokens, use_vsi=True), "soft", 1.0),
+        "zscir Stage I": (PhiConfig(num_tokens=cfg.num_tokens, use_vsi=True), "soft", 1.0),  # + 2 VSI tokens
     }
 
 

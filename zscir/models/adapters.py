@@ -33,9 +33,9 @@ ADAPTER_KINDS: Registry = Registry("adapter kind")
 class AdapterConfig(Config):
     """Where and which composing adapters go into the text transformer."""
 
-    kind: str = "bottleneck"  # "bottleneck", "lora" or "full"
+    kind: str = "lora"  # "lora", "bottleneck" or "full" (LoRA won the ablation in benchmarks/bench_stage2.py)
     num_layers: int = 4  # the last N text blocks get adapters
-    rank: int = 64
+    rank: int = 16
     alpha: float = 16.0  # LoRA scaling numerator
     targets: Tuple[str, ...] = ("attn", "mlp")  # sub-layers that get adapters
     dropout: float = 0.0

@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model}: not a Stage-II model (no adapters); run zscir train-stage2 first")
     triplets = load_triplets(args.triplets, image_root=args.image_root)
     prompt = composer.config.query_prompt.replace("{modification}", "").replace(composer.config.placeholder, "")
-    overhead = len(composer.backbone.tokenizer([prompt])[0].nonzero()) + composer.phi.config.num_tokens
+    overhead = len(composer.backbone.tokenizer([prompt])[0].nonzero()) + composer.phi.config.total_tokens
     triplets = triplets.truncate_to_context(composer.backbone.tokenizer, composer.backbone.context_length, overhead)
     feats = encode_triplets(composer, triplets, progress=not args.no_progress)
     parts: List[Tuple[torch.Tensor, List[str]]] = []

@@ -56,9 +56,13 @@ PRESETS: Dict[str, ClipPretrainConfig] = {
     "default": ClipPretrainConfig(
         train=TrainConfig(steps=350, batch_size=256, lr=2e-3, weight_decay=0.1, warmup_steps=30),
     ),
-    "fast": ClipPretrainConfig(
+    "fast": ClipPretrainConfig(  # the tests and benchmarks
         num_scenes=40_000,
         train=TrainConfig(steps=200, batch_size=256, lr=2e-3, weight_decay=0.1, warmup_steps=20),
+    ),
+    "quick": ClipPretrainConfig(  # `zscir demo --fast`, so a fresh machine finishes in 4 minutes
+        num_scenes=40_000,
+        train=TrainConfig(steps=120, batch_size=256, lr=2e-3, weight_decay=0.1, warmup_steps=20),
     ),
 }
 

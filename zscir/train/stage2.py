@@ -7,7 +7,7 @@ frozen CLIP image feature of the target image, or the CLIP text feature of
 in-batch targets plus *hard negatives*, each a switchable, weighted component
 (``STAGE2_COMPONENTS``):
 
-* ``reference``: the reference image itself is a negative (the query must move
+* ``reference`` (off by default): the reference image itself is a negative (the query must move
   away from "just the reference").
 * ``query_negative``: q'_i = the same reference with another triplet's
   modification; target-to-query InfoNCE, where t_i must prefer q_i over q'_i
@@ -56,14 +56,17 @@ class Stage2Config(Config):
     init_scale: float = 1 / 0.05
     learnable_scale: bool = True
     dup_threshold: float = 0.995  # cosine between frozen targets above which they count as the same image
-    components: Tuple[str, ...] = ("reference", "query_negative")
+    # "reference" is off by default: on the shapes world it cost 8 R@10 (benchmarks/bench_stage2.py),
+    # because most targets stay close to their reference and it pushes queries away from them.
+    components: Tuple[str, ...] = ("query_negative",)
     query_negative_weight: float = 0.5
+    query_negative_fraction: float = 0.25  # share of rows that get a query-side negative (each costs a text pass)
     mined_per_query: int = 4
     mined_pool: int = 20  # sample the negatives from the top-`mined_pool` non-targets
     refresh_every: int = 50
     component_options: Dict[str, Any] = dataclasses.field(default_factory=dict)  # options of plug-in components
     train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(steps=600, batch_size=128, lr=3e-3, weight_decay=0.01, warmup_steps=30)
+        default_factory=lambda: TrainConfig(steps=300, batch_size=128, lr=3e-3, weight_decay=0.01, warmup_steps=30)
     )
 
 
@@ -154,7 +157,13 @@ class Stage2Module(nn.Module):
         out: Dict[str, torch.Tensor] = {"tokens": tokens}
         out["query"] = c.compose_tokens(tokens, batch["ref_pooled"], batch["modifications"])
         if batch.get("neg_modifications") is not None:
-            out["query_neg"] = c.compose_tokens(tokens, batch["ref_pooled"], batch["neg_modifications"])
+            # rows without a negative stay zero and are masked out (keeps per-row shapes for the all-gather)
+            rows = batch["neg_rows"]
+            out["has_query_neg"] = torch.zeros(len(tokens), device=tokens.device).index_fill(0, rows, 1.0)  # float: all-gathers on gloo
+            out["query_neg"] = tokens.new_zeros(len(tokens), self.composer.backbone.embed_dim)
+            if len(rows):
+                neg = c.compose_tokens(tokens[rows], batch["ref_pooled"][rows], batch["neg_modifications"])
+                out["query_neg"] = out["query_neg"].index_put((rows,), neg.to(out["query_neg"].dtype))
         out["target"] = batch["target"]
         out["target_code"] = batch["target_code"]
         out["reference"] = F.normalize(batch["ref_pooled"], dim=-1)
@@ -214,12 +223,17 @@ class Stage2Task(TrainTask):
             "step": step,
         }
         if self.wants_query_negatives():
+            # drawn per triplet (not per batch position), so N processes pick what 1 process picks
             g = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
-            other = torch.randint(0, len(t), (len(idx),), generator=g).tolist()
+            other = torch.randint(0, len(t), (len(t),), generator=g)[indices].tolist()
+            chosen = (torch.rand(len(t), generator=g)[indices] < self.cfg.query_negative_fraction).tolist()
+            rows = [r for r, c in enumerate(chosen) if c]
             # another triplet's modification, avoiding identical texts
+            batch["neg_rows"] = torch.tensor(rows, dtype=torch.long, device=dev)
             batch["neg_modifications"] = [
-                t.modifications[o] if t.modifications[o] != t.modifications[i] else t.modifications[(o + 1) % len(t)]
-                for i, o in zip(idx, other)
+                t.modifications[other[r]] if t.modifications[other[r]] != t.modifications[idx[r]]
+                else t.modifications[(other[r] + 1) % len(t)]
+                for r in rows
             ]
         for comp in self.components:
             hook = getattr(comp, "prepare_batch", None)
@@ -319,8 +333,8 @@ class QueryNegative(Stage2Component):
     needs_query_negatives = True
 
     def loss(self, out, batch, step, main_logits):
-        """Weighted CE of t_i over [q_i, q'_i, other queries]."""
-        if "query_neg" not in out:
+        """Weighted CE of t_i over [q_i, q'_i, other queries], on the rows that have a q'_i."""
+        if "query_neg" not in out or not bool((out["has_query_neg"] > 0).any()):
             return None, {}
         scale = out["log_scale"].exp().clamp(max=100)
         q, qn, t = out["query"], out["query_neg"], out["target"]
@@ -329,7 +343,8 @@ class QueryNegative(Stage2Component):
         eye = torch.eye(len(t), dtype=torch.bool, device=t.device)
         logits = logits.masked_fill(dup & ~eye, float("-inf"))
         neg = scale * (t * qn).sum(-1, keepdim=True)
-        ce = F.cross_entropy(torch.cat([logits, neg], dim=1), torch.arange(len(t), device=t.device))
+        rows = (out["has_query_neg"] > 0).nonzero().squeeze(1)
+        ce = F.cross_entropy(torch.cat([logits, neg], dim=1)[rows], rows)
         w = self.task.cfg.query_negative_weight
         return w * ce, {"query_negative": float(ce.detach())}
 
@@ -510,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
     composer = Composer.from_pretrained(args.model, device=args.device or default_device())
     triplets = load_triplets(args.triplets, image_root=args.image_root)
     prompt = composer.config.query_prompt.replace("{modification}", "").replace(composer.config.placeholder, "")
-    overhead = len(composer.backbone.tokenizer([prompt])[0].nonzero()) + composer.phi.config.num_tokens
+    overhead = len(composer.backbone.tokenizer([prompt])[0].nonzero()) + composer.phi.config.total_tokens
     triplets = triplets.truncate_to_context(composer.backbone.tokenizer, composer.backbone.context_length, overhead)
     feats = encode_triplets(composer, triplets, progress=not args.no_progress)
     corpus = None
