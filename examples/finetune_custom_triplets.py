@@ -37,7 +37,7 @@ from zscir.eval.metrics import recall_at_ks
 from zscir.index import exact_topk
 from zscir.models.adapters import AdapterConfig
 from zscir.train.engine import TrainConfig
-from zscir.train.stage2 import Stage2Config, encode_triplets, train_stage2
+from zscir.train.stage2 import Stage2Config, encode_triplets, fit_to_context, train_stage2
 
 KS = (1, 5, 10)
 REPORT_NAME = "finetune_report.json"
@@ -66,14 +66,6 @@ def make_tiny_inputs(workdir: Path, n_triplets: int = 240, seed: int = 0, progre
 
 
 # --------------------------------------------------------------------- helpers
-def fit_to_context(composer: Composer, triplets: TripletSet) -> TripletSet:
-    """Shorten texts that would overflow the text tower once placed in the query prompt (as ``zscir train-stage2`` does)."""
-    cfg = composer.config
-    prompt = cfg.query_prompt.replace("{modification}", "").replace(cfg.placeholder, "")
-    overhead = len(composer.backbone.tokenizer([prompt])[0].nonzero()) + composer.phi.config.num_tokens
-    return triplets.truncate_to_context(composer.backbone.tokenizer, composer.backbone.context_length, overhead)
-
-
 def split_holdout(triplets: TripletSet, holdout: float, seed: int) -> Tuple[TripletSet, TripletSet]:
     """(train, held-out): a seeded `holdout` fraction of the image-target triplets is held out (at least 2)."""
     if not 0.0 < holdout < 1.0:

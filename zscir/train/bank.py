@@ -190,7 +190,7 @@ def corpus_features(composer: Composer, folder: Any, cache_dir: Path, progress: 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``zscir train-bank``."""
     from ..data.triplets import load_triplets
-    from .stage2 import encode_triplets
+    from .stage2 import encode_triplets, fit_to_context
 
     from ..models.backbone import default_device
 
@@ -198,10 +198,7 @@ def run(args: argparse.Namespace) -> int:
     composer = Composer.from_pretrained(args.model, device=args.device or default_device())
     if composer.config.adapters is None:
         raise ValueError(f"{args.model}: not a Stage-II model (no adapters); run zscir train-stage2 first")
-    triplets = load_triplets(args.triplets, image_root=args.image_root)
-    prompt = composer.config.query_prompt.replace("{modification}", "").replace(composer.config.placeholder, "")
-    overhead = len(composer.backbone.tokenizer([prompt])[0].nonzero()) + composer.phi.config.total_tokens
-    triplets = triplets.truncate_to_context(composer.backbone.tokenizer, composer.backbone.context_length, overhead)
+    triplets = fit_to_context(composer, load_triplets(args.triplets, image_root=args.image_root))
     feats = encode_triplets(composer, triplets, progress=not args.no_progress)
     parts: List[Tuple[torch.Tensor, List[str]]] = []
     if args.corpus:

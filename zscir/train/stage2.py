@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from ..losses import info_nce_with_negatives
 from ..models.adapters import AdapterConfig, count_trainable
 from ..registry import Registry
 from .engine import TrainConfig, Trainer, TrainTask, add_train_arguments, train_config_from_args
+
+if TYPE_CHECKING:
+    from ..data.triplets import TripletSet
 
 logger = logging.getLogger(__name__)
 
@@ -523,10 +526,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.backbone import default_device
 
     composer = Composer.from_pretrained(args.model, device=args.device or default_device())
-    triplets = load_triplets(args.triplets, image_root=args.image_root)
-    prompt = composer.config.query_prompt.replace("{modification}", "").replace(composer.config.placeholder, "")
-    overhead = len(composer.backbone.tokenizer([prompt])[0].nonzero()) + composer.phi.config.total_tokens
-    triplets = triplets.truncate_to_context(composer.backbone.tokenizer, composer.backbone.context_length, overhead)
+    triplets = fit_to_context(composer, load_triplets(args.triplets, image_root=args.image_root))
     feats = encode_triplets(composer, triplets, progress=not args.no_progress)
     corpus = None
     if args.corpus:
@@ -540,6 +540,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 @torch.no_grad()
+def fit_to_context(composer: Composer, triplets: "TripletSet") -> "TripletSet":
+    """The triplet set with modification texts shortened to fit the text tower once placed in the query prompt."""
+    cfg = composer.config
+    prompt = cfg.query_prompt.replace("{modification}", "").replace(cfg.placeholder, "")
+    overhead = len(composer.backbone.tokenizer([prompt])[0].nonzero()) + composer.phi.config.total_tokens
+    return triplets.truncate_to_context(composer.backbone.tokenizer, composer.backbone.context_length, overhead)
+
+
 def shapes_triplet_features(composer: Composer, edits: Sequence[Any], image_size: int = 64,
                             batch_size: int = 256) -> TripletFeatures:
     """Frozen features of shapes-world edits (reference/target scenes rendered in memory)."""
