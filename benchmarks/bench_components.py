@@ -79,7 +79,7 @@ def stage1_model(tiny_clip: Path, world: Any, folder: Path, progress: bool) -> P
     stamp = folder / "clip.txt"
     if (model / "config.json").is_file() and stamp.is_file() and stamp.read_text() == str(tiny_clip):
         return model
-    composer = Composer.from_clip(str(tiny_clip), phi=PhiConfig(num_tokens=2, vsi_layers=1))
+    composer = Composer.from_clip(str(tiny_clip), phi=PhiConfig(num_tokens=2, vsi_layers=1, vsi_mode="add"))
     feats = shapes_features(composer, world.scenes(3000, stream="stage1-bench"), world.config.image_size)
     cfg = Stage1Config(phi=composer.phi.config, concept_weight=0.5,
                        train=TrainConfig(steps=120, batch_size=64, lr=1e-3, warmup_steps=10, log_every=10))
@@ -136,8 +136,8 @@ def train_row(stage1: Path, triplets: Any, corpus: Any, components: Tuple[str, .
 
     steps = steps or args.steps
     composer = Composer.from_pretrained(stage1)
-    cfg = Stage2Config(adapters=AdapterConfig(num_layers=args.layers, rank=32), components=components,
-                       component_options=options,
+    cfg = Stage2Config(adapters=AdapterConfig(kind="bottleneck", num_layers=args.layers, rank=32), components=components,
+                       component_options=options, query_negative_fraction=1.0,
                        train=TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=20,
                                          log_every=10, seed=seed))
     torch.manual_seed(seed)
