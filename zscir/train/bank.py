@@ -190,9 +190,8 @@ def corpus_features(composer: Composer, folder: Any, cache_dir: Path, progress: 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``zscir train-bank``."""
     from ..data.triplets import load_triplets
-    from .stage2 import encode_triplets, fit_to_context
-
     from ..models.backbone import default_device
+    from .stage2 import encode_triplets, fit_to_context
 
     cfg = config_from_args(args)
     composer = Composer.from_pretrained(args.model, device=args.device or default_device())

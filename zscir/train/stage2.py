@@ -163,7 +163,7 @@ class Stage2Module(nn.Module):
             # rows without a negative stay zero and are masked out (keeps per-row shapes for the all-gather)
             rows = batch["neg_rows"]
             out["has_query_neg"] = torch.zeros(len(tokens), device=tokens.device).index_fill(0, rows, 1.0)  # float: all-gathers on gloo
-            out["query_neg"] = tokens.new_zeros(len(tokens), self.composer.backbone.embed_dim)
+            out["query_neg"] = tokens.new_zeros(len(tokens), c.backbone.embed_dim)
             if len(rows):
                 neg = c.compose_tokens(tokens[rows], batch["ref_pooled"][rows], batch["neg_modifications"])
                 out["query_neg"] = out["query_neg"].index_put((rows,), neg.to(out["query_neg"].dtype))
@@ -229,10 +229,10 @@ class Stage2Task(TrainTask):
             # drawn per triplet (not per batch position), so N processes pick what 1 process picks
             g = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
             other = torch.randint(0, len(t), (len(t),), generator=g)[indices].tolist()
-            chosen = (torch.rand(len(t), generator=g)[indices] < self.cfg.query_negative_fraction).tolist()
-            rows = [r for r, c in enumerate(chosen) if c]
-            # another triplet's modification, avoiding identical texts
+            chosen = torch.rand(len(t), generator=g)[indices] < self.cfg.query_negative_fraction
+            rows = chosen.nonzero().squeeze(1).tolist()
             batch["neg_rows"] = torch.tensor(rows, dtype=torch.long, device=dev)
+            # another triplet's modification, avoiding identical texts
             batch["neg_modifications"] = [
                 t.modifications[other[r]] if t.modifications[other[r]] != t.modifications[idx[r]]
                 else t.modifications[(other[r] + 1) % len(t)]
@@ -337,7 +337,8 @@ class QueryNegative(Stage2Component):
 
     def loss(self, out, batch, step, main_logits):
         """Weighted CE of t_i over [q_i, q'_i, other queries], on the rows that have a q'_i."""
-        if "query_neg" not in out or not bool((out["has_query_neg"] > 0).any()):
+        rows = (out["has_query_neg"] > 0).nonzero().squeeze(1) if "query_neg" in out else None
+        if rows is None or not len(rows):
             return None, {}
         scale = out["log_scale"].exp().clamp(max=100)
         q, qn, t = out["query"], out["query_neg"], out["target"]
@@ -346,7 +347,6 @@ class QueryNegative(Stage2Component):
         eye = torch.eye(len(t), dtype=torch.bool, device=t.device)
         logits = logits.masked_fill(dup & ~eye, float("-inf"))
         neg = scale * (t * qn).sum(-1, keepdim=True)
-        rows = (out["has_query_neg"] > 0).nonzero().squeeze(1)
         ce = F.cross_entropy(torch.cat([logits, neg], dim=1)[rows], rows)
         w = self.task.cfg.query_negative_weight
         return w * ce, {"query_negative": float(ce.detach())}
@@ -539,7 +539,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@torch.no_grad()
 def fit_to_context(composer: Composer, triplets: "TripletSet") -> "TripletSet":
     """The triplet set with modification texts shortened to fit the text tower once placed in the query prompt."""
     cfg = composer.config
@@ -548,6 +547,7 @@ def fit_to_context(composer: Composer, triplets: "TripletSet") -> "TripletSet":
     return triplets.truncate_to_context(composer.backbone.tokenizer, composer.backbone.context_length, overhead)
 
 
+@torch.no_grad()
 def shapes_triplet_features(composer: Composer, edits: Sequence[Any], image_size: int = 64,
                             batch_size: int = 256) -> TripletFeatures:
     """Frozen features of shapes-world edits (reference/target scenes rendered in memory)."""
