@@ -1,4 +1,4 @@
-"""The ``zscir`` command: one subcommand per job, each implemented next to the code it drives."""
+"""The ``zscir`` command: one subcommand per job; each command group's flags live in one module of this package."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import List, NamedTuple, Optional
 
-from . import __version__
+from .. import __version__
 
 
 class Subcommand(NamedTuple):
@@ -20,18 +20,22 @@ class Subcommand(NamedTuple):
 
 
 SUBCOMMANDS = {
-    "demo": Subcommand("zscir.demo", "run the whole pipeline offline on the built-in shapes world"),
-    "shapes": Subcommand("zscir.data.shapes", "export shapes-world data: evaluation set, triplets or captions"),
-    "pretrain-clip": Subcommand("zscir.train.clip_pretrain", "pretrain the tiny CLIP (shapes world or image-caption JSONL)"),
-    "train-stage1": Subcommand("zscir.train.stage1", "Stage I: train the phi-network on unlabeled images"),
-    "make-triplets": Subcommand("zscir.data.triplet_gen", "generate synthetic (reference, modification, target) triplets"),
-    "train-stage2": Subcommand("zscir.train.stage2", "Stage II: train composing adapters on synthetic triplets"),
-    "train-bank": Subcommand("zscir.train.bank", "SPN negatives: fine-tune the query side against a static image bank"),
-    "index": Subcommand("zscir.index", "embed a folder of images into an on-disk gallery index",
+    "demo": Subcommand("zscir.cli.demo", "run the whole pipeline offline on the built-in shapes world"),
+    "shapes": Subcommand("zscir.cli.shapes", "export shapes-world data: evaluation set, triplets or captions"),
+    "pretrain-clip": Subcommand("zscir.cli.train", "pretrain the tiny CLIP (shapes world or image-caption JSONL)",
+                                "pretrain_clip_add_arguments", "pretrain_clip_run"),
+    "train-stage1": Subcommand("zscir.cli.train", "Stage I: train the phi-network on unlabeled images",
+                               "stage1_add_arguments", "stage1_run"),
+    "make-triplets": Subcommand("zscir.cli.triplets", "generate synthetic (reference, modification, target) triplets"),
+    "train-stage2": Subcommand("zscir.cli.train", "Stage II: train composing adapters on synthetic triplets",
+                               "stage2_add_arguments", "stage2_run"),
+    "train-bank": Subcommand("zscir.cli.train", "SPN negatives: fine-tune the query side against a static image bank",
+                             "bank_add_arguments", "bank_run"),
+    "index": Subcommand("zscir.cli.index", "embed a folder of images into an on-disk gallery index",
                         "index_add_arguments", "index_run"),
-    "search": Subcommand("zscir.index", "search a gallery index with a reference image and a modification text",
+    "search": Subcommand("zscir.cli.index", "search a gallery index with a reference image and a modification text",
                          "search_add_arguments", "search_run"),
-    "eval": Subcommand("zscir.eval.evaluate", "zero-shot evaluation on FashionIQ, CIRR, CIRCO or a generic CIR set"),
+    "eval": Subcommand("zscir.cli.eval", "zero-shot evaluation on FashionIQ, CIRR, CIRCO or a generic CIR set"),
 }
 
 

@@ -1,0 +1,2 @@
+"""`zscir eval`."""
+from ..eval.evaluate import add_arguments, run  # noqa: F401  (moved here by the layout refactor)
