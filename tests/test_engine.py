@@ -1,13 +1,18 @@
 """The shared training engine: learning, determinism, resume, config round trips, atomic checkpoints."""
 import dataclasses
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zscir.checkpoint import CheckpointError, load_folder, save_folder
+from zscir.checkpoint import CheckpointError, load_folder, load_tensors, save_folder
 from zscir.config import Config, ConfigError
 from zscir.losses import clip_contrastive
 from zscir.train.engine import TrainConfig, Trainer, TrainTask, epoch_indices
@@ -43,6 +48,7 @@ class _Towers(nn.Module):
 
 
 CFG = TrainConfig(steps=40, batch_size=64, lr=1e-2, warmup_steps=5, log_every=1)
+HERE = Path(__file__).parent
 
 
 def _params(module):
@@ -57,6 +63,42 @@ def test_loss_falls_and_runs_are_deterministic(tmp_path):
     b = PairTask()
     Trainer(b, CFG, progress=False).train()
     assert torch.equal(_params(a.module), _params(b.module))
+
+
+def _ddp_grads():
+    spec = importlib.util.spec_from_file_location("_ddp_grads", HERE / "_ddp_grads.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_processes_give_the_one_process_gradients(tmp_path):
+    """torchrun with 2 CPU (gloo) processes over the same global batch: the first step's gradients before
+    clipping (and the logged grad_norm) equal the 1-process ones; a batch size that does not divide fails."""
+    helper = _ddp_grads()
+    one = helper.first_step()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(HERE / "_ddp_grads.py"), str(tmp_path)], check=True, env=env, timeout=300)
+    for rank in (0, 1):
+        two = load_tensors(tmp_path / f"grads{rank}.safetensors")
+        assert sorted(two) == sorted(one["grads"])
+        # per parameter ||g2 - g1|| / ||g1||; a world-size factor error gives 1.0
+        worst = max(float((two[k] - g).norm() / g.norm()) for k, g in one["grads"].items())
+        assert worst < 1e-5, (rank, worst)
+        info = json.loads((tmp_path / f"info{rank}.json").read_text())
+        assert abs(info["grad_norm"] - one["grad_norm"]) < 1e-5 * one["grad_norm"], (info, one["grad_norm"])
+        assert "batch_size 7" in info["batch_error"] and "2 processes" in info["batch_error"], info["batch_error"]
+    norm = torch.cat([g.flatten() for g in one["grads"].values()]).norm()
+    assert abs(float(norm) - one["grad_norm"]) < 1e-5 * float(norm)  # grad_norm is the pre-clip norm
+    assert one["grad_norm"] > 2 * helper.CFG.grad_clip  # clipping was active, so post-clip grads could not tell
+
+
+def test_grad_norm_is_logged_with_and_without_clipping():
+    cfg = dataclasses.replace(CFG, steps=1)
+    clipped = Trainer(PairTask(), cfg, progress=False).train().history[0]["grad_norm"]
+    plain = Trainer(PairTask(), dataclasses.replace(cfg, grad_clip=0.0), progress=False).train().history[0]["grad_norm"]
+    assert clipped > 0 and clipped == pytest.approx(plain, rel=1e-6)
 
 
 def _interrupt_at(task, stop):

@@ -45,7 +45,9 @@ class BankStageConfig(Config):
     negatives: int = 0  # bank negatives per step (shared by the batch); 0: the whole bank
     bank_weight: float = 1.0  # weight of the bank InfoNCE next to the in-batch InfoNCE
     include_triplet_images: bool = True  # add the triplets' references and targets to the bank
-    components: Tuple[str, ...] = ("reference",)  # further Stage-II components kept on ("bank" is always added)
+    # further Stage-II components kept on ("bank" is always added); "reference" stays off as in Stage II
+    # (the reference image as a negative cost 8 R@10 in the Stage-II ablation, docs/results.md)
+    components: Tuple[str, ...] = ()
     component_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     train_phi: bool = False
     dup_threshold: float = 0.98  # in-batch / bank duplicates of a query's target or reference are masked

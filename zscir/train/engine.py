@@ -8,10 +8,11 @@ sampling, AdamW with warm-up + cosine schedule, gradient clipping, tqdm
 progress, periodic full-state checkpoints and resume.
 
 Several processes: every rank draws the same global batch of indices and
-takes its shard; per-sample outputs are all-gathered with gradients, each rank
-computes the same global loss, and the loss is scaled by the world size so
-that DDP's gradient averaging yields exactly the single-process gradient.
-So a run on N processes matches a 1-process run with the same global batch.
+takes its shard; per-sample outputs are all-gathered with gradients (the
+gather's backward sums over ranks), each rank computes the same global loss,
+and DDP averages the gradients, which yields exactly the single-process
+gradient (see :meth:`Trainer.train`). So a run on N processes matches a
+1-process run with the same global batch.
 
 Checkpoints never use pickle: trainable weights and optimizer moments go to
 safetensors, step/RNG/scheduler state to JSON, both written atomically.
@@ -156,25 +157,40 @@ def _param_groups(module: nn.Module, weight_decay: float) -> List[Dict[str, Any]
     return [g for g in groups if g["params"]]
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0; backward sums the gradient of this rank's rows over all ranks."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), value.shape[0]
+        parts = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, value.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows: (ctx.rank + 1) * ctx.rows]
+
+
 def _gather(outputs: Dict[str, torch.Tensor], world: int, local_batch: int) -> Dict[str, torch.Tensor]:
-    """All-gather per-sample outputs with gradients (rows of this rank keep their graph)."""
+    """All-gather per-sample outputs with gradients (rows of this rank keep their graph); others pass through."""
     if world == 1:
         return outputs
-    import torch.distributed as dist
-    import torch.distributed.nn.functional as dnn
+    return {key: _GatherRows.apply(value)
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == local_batch else value
+            for key, value in outputs.items()}
 
-    out = {}
-    for key, value in outputs.items():
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == local_batch:
-            if value.requires_grad:
-                out[key] = torch.cat(dnn.all_gather(value.contiguous()), dim=0)
-            else:
-                parts = [torch.empty_like(value) for _ in range(world)]
-                dist.all_gather(parts, value.contiguous())
-                out[key] = torch.cat(parts, dim=0)
-        else:
-            out[key] = value
-    return out
+
+def _grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients (what clip_grad_norm_ measures)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach()) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -205,6 +221,10 @@ class Trainer:
         self.progress = progress
         use_cpu = (not torch.cuda.is_available()) if cpu is None else cpu
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=cfg.mixed_precision if not use_cpu else "no")
+        world = self.accelerator.num_processes
+        if cfg.batch_size % world:
+            raise ValueError(f"{desc}: batch_size {cfg.batch_size} does not divide over {world} processes "
+                             f"(each takes an equal share of the global batch); use a multiple of {world}")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -327,8 +347,6 @@ class Trainer:
             if acc.is_main_process:
                 logger.info("%s: resumed from step %d", self.desc, self.step)
         world, rank = acc.num_processes, acc.process_index
-        if self.cfg.batch_size % world:
-            raise ValueError(f"batch_size {self.cfg.batch_size} is not divisible by {world} processes")
         n = self.task.num_examples()
         start = time.time()
         bar = None
@@ -350,15 +368,23 @@ class Trainer:
                     loss, logs = self.task.loss(outputs, batch, self.step)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{self.desc}: loss became {loss.item()} at step {self.step}")
-                acc.backward(loss * world)
+                # Factor 1, not the world size N: every rank computes the same global loss, so the gather's
+                # backward (a sum over ranks) gives each rank N times the gradient through its own rows, and
+                # DDP's mean over ranks turns that into the 1-process gradient; parameters that reach the loss
+                # outside the gather (a logit scale) get the full gradient on every rank, which the mean keeps.
+                acc.backward(loss)
                 if self.cfg.grad_clip:
-                    acc.clip_grad_norm_(self.params, self.cfg.grad_clip)
+                    grad_norm = acc.clip_grad_norm_(self.params, self.cfg.grad_clip)  # returns the pre-clip norm
+                else:
+                    acc.unscale_gradients()
+                    grad_norm = _grad_norm(self.params)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                    record = {"step": self.step, "loss": float(loss.detach()), "lr": self.scheduler.get_last_lr()[0]}
+                    record = {"step": self.step, "loss": float(loss.detach()), "lr": self.scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm)}
                     record.update({k: float(v) for k, v in logs.items()})
                     self.history.append(record)
                     if bar is not None:
