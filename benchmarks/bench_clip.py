@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from zscir.checkpoint import atomic_write_json
-from zscir.data.shapes import ShapesWorld, ShapesWorldConfig, caption, render_array
+from zscir.shapes import ShapesWorld, ShapesWorldConfig, caption, render_array
 from zscir.models.backbone import load_backbone
 from zscir.train.clip_pretrain import ClipPretrainTask, ShapesCaptionSource
 from zscir.train.engine import TrainConfig, Trainer

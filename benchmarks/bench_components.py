@@ -62,7 +62,7 @@ VAL_NOISE = 1.0  # validation mean-R@10 gain (points) above which a component co
 
 def frequent_kinds(threshold: float = 0.10) -> List[str]:
     """Kinds that make up at least `threshold` of the long-tail training distribution."""
-    from zscir.data.shapes import LONG_TAIL_WEIGHTS
+    from zscir.shapes import LONG_TAIL_WEIGHTS
 
     total = sum(LONG_TAIL_WEIGHTS.values())
     return [k for k, w in LONG_TAIL_WEIGHTS.items() if w / total >= threshold]
@@ -231,7 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
     args = parser.parse_args(argv)
 
-    from zscir.data.shapes import LONG_TAIL_WEIGHTS, ShapesWorld, ShapesWorldConfig
+    from zscir.shapes import LONG_TAIL_WEIGHTS, ShapesWorld, ShapesWorldConfig
     from zscir.eval.shapes_eval import ShapesBenchmark
     from zscir.models.backbone import load_backbone
     from zscir.train import components  # noqa: F401  (registers the components until stage2 imports them)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from zscir.data.shapes import ShapesWorld, caption, render, render_array
+from zscir.shapes import ShapesWorld, caption, render, render_array
 
 
 def throughput(work: Callable[[], int], min_seconds: float) -> float:

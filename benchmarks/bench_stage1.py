@@ -28,7 +28,7 @@ import torch
 from _timing import seconds_per_call
 from zscir.checkpoint import atomic_write_json
 from zscir.composer import Composer
-from zscir.data.shapes import ShapesWorld, ShapesWorldConfig
+from zscir.shapes import ShapesWorld, ShapesWorldConfig
 from zscir.eval.shapes_eval import (ShapesBenchmark, composer_encoder, image_only, image_plus_text,
                                     inversion_recall, text_only)
 from zscir.models.phi import PhiConfig

@@ -46,7 +46,7 @@ REPORT_NAME = "finetune_report.json"
 # ------------------------------------------------------------------ tiny inputs
 def make_tiny_inputs(workdir: Path, n_triplets: int = 240, seed: int = 0, progress: bool = False) -> Tuple[Path, Path, Path]:
     """Write shapes-world triplets and a quickly trained Stage-I model; returns (triplets file, image root, model dir)."""
-    from zscir.data.shapes import ShapesWorld, ShapesWorldConfig
+    from zscir.shapes import ShapesWorld, ShapesWorldConfig
     from zscir.models.phi import PhiConfig
     from zscir.train.stage1 import Stage1Config, shapes_features, train_stage1
 

@@ -49,7 +49,7 @@ def write_tiny_world(folder: Path, image_size: int = 64, n_queries: int = 6, see
     """Export a small shapes-world evaluation set to `folder` and return its first query."""
     import json
 
-    from zscir.data.shapes import ShapesWorld, ShapesWorldConfig
+    from zscir.shapes import ShapesWorld, ShapesWorldConfig
 
     world = ShapesWorld(ShapesWorldConfig(seed=seed, image_size=image_size))
     eval_set = world.make_eval_set(n_queries, n_random=n_queries * 2, siblings_per_query=3, stream="quickstart")

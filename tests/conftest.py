@@ -25,7 +25,7 @@ def tiny_clip_dir():
 @pytest.fixture(scope="session")
 def world():
     """The default shapes world."""
-    from zscir.data.shapes import ShapesWorld, ShapesWorldConfig
+    from zscir.shapes import ShapesWorld, ShapesWorldConfig
 
     return ShapesWorld(ShapesWorldConfig(seed=0, image_size=64))
 

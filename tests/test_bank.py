@@ -96,7 +96,7 @@ def test_bank_stage_refuses_a_model_without_adapters():
 
 def test_cli_train_bank(tmp_path):
     from zscir.cli import main
-    from zscir.data.shapes import ShapesWorld
+    from zscir.shapes import ShapesWorld
 
     world = ShapesWorld(seed=0, image_size=64)
     edits = world.make_triplets(24, family="train", stream="bank-cli")

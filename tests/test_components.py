@@ -33,7 +33,7 @@ fake_task = FakeTask
 
 def random_triplets(n=96, kinds=None, texts=None, seed=0):
     """Random frozen features with real shapes-world texts: a memorisation task the adapters can fit."""
-    from zscir.data.shapes import LONG_TAIL_WEIGHTS, ShapesWorld
+    from zscir.shapes import LONG_TAIL_WEIGHTS, ShapesWorld
 
     edits = ShapesWorld(seed=0).make_triplets(n, family="train", kind_weights=LONG_TAIL_WEIGHTS, stream="components-test")
     g = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Tests of the procedural shapes world (zscir/data/shapes.py)."""
+"""Tests of the procedural shapes world (zscir/shapes)."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from zscir.config import ConfigError
-from zscir.data import shapes
-from zscir.data.shapes import (
+from zscir.cli import shapes as shapes_cli
+from zscir.shapes import captions as shapes_captions, scene as shapes_scene
+from zscir.shapes import (
     BACKGROUND,
     COLORS,
     EDIT_KINDS,
@@ -194,7 +195,7 @@ def test_same_seed_same_data_different_seed_different_data() -> None:
 def test_determinism_does_not_depend_on_python_hash_seed() -> None:
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import test_shapes as t; "
-        "from zscir.data.shapes import ShapesWorld; print(t._fingerprint(ShapesWorld(seed=3)))"
+        "from zscir.shapes import ShapesWorld; print(t._fingerprint(ShapesWorld(seed=3)))"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True, text=True, check=True)
@@ -422,11 +423,11 @@ def test_describe_gives_several_true_phrasings() -> None:
     assert len(texts) >= 4 and len(set(texts)) == len(texts)
     full = texts[0]
     assert "blue circle" in full and "orange star" in full
-    assert shapes._a("orange star") == "an orange star" and shapes._a("red star") == "a red star"
+    assert shapes_scene._a("orange star") == "an orange star" and shapes_scene._a("red star") == "a red star"
     assert texts[1].startswith("two ")
     # Negative captions only deny things that are absent.
     for _ in range(200):
-        text = shapes._cap_negative(scene, rng)
+        text = shapes_captions._cap_negative(scene, rng)
         for denied in ("no blue circle", "no circle", "no orange star", "no star", "without a blue circle"):
             assert denied not in text, text
 
@@ -546,9 +547,9 @@ def test_config_round_trip_and_validation(tmp_path: Path) -> None:
 
 def test_command_line_export(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
-    shapes.add_arguments(parser)
+    shapes_cli.add_arguments(parser)
     args = parser.parse_args(["eval", "--out", str(tmp_path / "cli"), "--n", "5", "--n-random", "2", "--no-progress"])
-    assert shapes.run(args) == 0
+    assert shapes_cli.run(args) == 0
     assert len(_read_jsonl(tmp_path / "cli" / "queries.jsonl")) == 5
 
 

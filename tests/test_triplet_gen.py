@@ -291,7 +291,7 @@ def test_generate_dedups_caps_and_is_deterministic(tmp_path):
 
 
 def test_shapes_mode_exports_training_family(tmp_path):
-    shapes = pytest.importorskip("zscir.data.shapes")
+    shapes = pytest.importorskip("zscir.shapes")
     cfg = TripletGenConfig(shapes=12, seed=1, shapes_image_size=32, long_tail=True)
     result = gen.make_triplets(cfg, tmp_path / "out", progress=False)
     ts = load_triplets(tmp_path / "out" / "triplets.jsonl")

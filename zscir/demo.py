@@ -116,7 +116,7 @@ def _stage(name: str) -> None:
 def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool = True,
              cache_dir: Optional[Path] = None) -> Dict[str, Any]:
     """Run (or continue) the demo in `out`; return the results dict that is also written to results.json."""
-    from .data.shapes import ShapesWorld, ShapesWorldConfig
+    from .shapes import ShapesWorld, ShapesWorldConfig
     from .eval.shapes_eval import (ShapesBenchmark, composer_encoder, image_only, image_plus_text,
                                    inversion_recall, text_only)
     from .train.clip_pretrain import pretrained_tiny_clip
@@ -236,7 +236,7 @@ def format_table(rows: Dict[str, Dict[str, Any]]) -> str:
 
 def _write_figures(folder: OutputFolder, bench: Any, composer: Composer, curves: Dict[str, List[Dict[str, float]]]) -> None:
     """examples.png (reference, text, top 5 with the target marked) and training_curves.png."""
-    from .data.shapes import render
+    from .shapes import render
     from .eval.shapes_eval import composer_encoder
     from .viz import GridRow, save_retrieval_grid, save_training_curves
 

@@ -28,7 +28,7 @@ class ShapesBenchmark:
     def __init__(self, backbone, world, n_queries: int = 1000, family: str = "eval", stream: str = "eval",
                  n_random: Optional[int] = None, kind_weights: Optional[Mapping[str, float]] = None,
                  batch_size: int = 256) -> None:
-        from ..data.shapes import render_array
+        from ..shapes import render_array
 
         self.backbone, self.world = backbone, world
         self.eval_set = world.make_eval_set(n_queries, n_random=n_random, family=family, stream=stream,
@@ -110,7 +110,7 @@ def composer_encoder(composer) -> QueryEncoder:
 def inversion_recall(composer, backbone, world, n_images: int = 1000, stream: str = "inversion",
                      prompt: str = "a photo of $") -> Dict[str, float]:
     """R@1/R@5 of "a photo of $" retrieving its own image among `n_images` held-out images."""
-    from ..data.shapes import render_array
+    from ..shapes import render_array
 
     scenes = world.scenes(n_images, stream=stream)
     feats = backbone.encode_image(backbone.pixels_from_uint8(render_array(scenes, world.config.image_size)))

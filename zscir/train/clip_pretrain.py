@@ -95,7 +95,7 @@ class ShapesCaptionSource:
 
     def __init__(self, world_seed: int, num_scenes: int, image_size: int, stream: str = "clip",
                  full_fraction: float = 0.5) -> None:
-        from ..data.shapes import ShapesWorld, ShapesWorldConfig
+        from ..shapes import ShapesWorld, ShapesWorldConfig
 
         self.world = ShapesWorld(ShapesWorldConfig(seed=world_seed, image_size=image_size))
         self.image_size = image_size
@@ -108,7 +108,7 @@ class ShapesCaptionSource:
 
     def batch(self, indices: Sequence[int], step: int) -> Tuple[np.ndarray, List[str]]:
         """uint8 images [B, H, W, 3] and one caption each."""
-        from ..data.shapes import caption, full_caption, render_array
+        from ..shapes import caption, full_caption, render_array
 
         scenes = [self.scenes[i] for i in indices]
         captions = []
@@ -191,7 +191,7 @@ class ClipPretrainTask(TrainTask):
 def evaluate_text_to_image(backbone: Backbone, world_seed: int = 0, num_scenes: int = 1000,
                            image_size: int = 64, stream: str = "clip-heldout") -> Dict[str, Any]:
     """Text->image R@1/R@5 over held-out scenes with their full captions, overall and by object count."""
-    from ..data.shapes import ShapesWorld, ShapesWorldConfig, full_caption, render_array
+    from ..shapes import ShapesWorld, ShapesWorldConfig, full_caption, render_array
 
     world = ShapesWorld(ShapesWorldConfig(seed=world_seed, image_size=image_size))
     scenes = world.scenes(num_scenes, stream=stream)

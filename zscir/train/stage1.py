@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     if args.concepts:
         concepts = [w.strip() for w in args.concepts.read_text().splitlines() if w.strip()]
     if args.shapes:
-        from ..data.shapes import ShapesWorld, ShapesWorldConfig
+        from ..shapes import ShapesWorld, ShapesWorldConfig
 
         world = ShapesWorld(ShapesWorldConfig(seed=cfg.train.seed, image_size=composer.backbone.image_size))
         features = shapes_features(composer, world.scenes(args.shapes, stream="stage1"), world.config.image_size,
@@ -267,7 +267,7 @@ def shapes_features(composer: Composer, scenes: Sequence[Any], image_size: int, 
     """In-memory features of shapes-world scenes (rendered on the fly)."""
     from tqdm.auto import tqdm
 
-    from ..data.shapes import render_array
+    from ..shapes import render_array
 
     bb = composer.backbone
     pooled, patches = [], []

@@ -551,7 +551,7 @@ def fit_to_context(composer: Composer, triplets: "TripletSet") -> "TripletSet":
 def shapes_triplet_features(composer: Composer, edits: Sequence[Any], image_size: int = 64,
                             batch_size: int = 256) -> TripletFeatures:
     """Frozen features of shapes-world edits (reference/target scenes rendered in memory)."""
-    from ..data.shapes import render_array
+    from ..shapes import render_array
 
     bb = composer.backbone
     refs, patches, targets = [], [], []
