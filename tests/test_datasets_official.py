@@ -22,10 +22,11 @@ from fixtures_cir import (
     placeholder_png_bytes,
     shared_annotations_dir,
 )
-from zscir.data.circo import load_circo
-from zscir.data.cirr import load_cirr
-from zscir.data.fashioniq import fashioniq_texts, load_fashioniq
-from zscir.data.generic import AnnotationError, load_generic
+from zscir.data.benchmarks.circo import load_circo
+from zscir.data.benchmarks.cirr import load_cirr
+from zscir.data.benchmarks.fashioniq import fashioniq_texts, load_fashioniq
+from zscir.data.benchmarks.generic import load_generic
+from zscir.data.schema import AnnotationError
 from zscir.eval.evaluate import evaluate
 from zscir.eval.submission import check_circo_submission, check_cirr_submission, read_rankings
 

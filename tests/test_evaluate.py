@@ -17,9 +17,10 @@ from fixtures_cir import (
     make_generic,
     scripted_ranking,
 )
-from zscir.data.fashioniq import fashioniq_texts
-from zscir.data.generic import AnnotationError, load_generic
+from zscir.data.benchmarks.fashioniq import fashioniq_texts
+from zscir.data.benchmarks.generic import load_generic
 from zscir.data.images import load_image
+from zscir.data.schema import AnnotationError
 from zscir.eval import evaluate as E
 from zscir.eval.evaluate import EvaluationError, MissingImagesError, evaluate
 from zscir.eval.submission import SubmissionError, check_circo_submission, check_cirr_submission, read_rankings

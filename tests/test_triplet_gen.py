@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from zscir.cli import triplets as triplets_cli
 from zscir.data import triplet_gen as gen
 from zscir.data.triplet_gen import (
     CaptionCorpus,
@@ -306,8 +307,8 @@ def test_shapes_mode_exports_training_family(tmp_path):
 # ------------------------------------------------------------------------- CLI
 def _run_cli(argv) -> int:
     parser = argparse.ArgumentParser()
-    gen.add_arguments(parser)
-    return gen.run(parser.parse_args(argv))
+    triplets_cli.add_arguments(parser)
+    return triplets_cli.run(parser.parse_args(argv))
 
 
 def test_cli_end_to_end_with_all_caption_modes(tmp_path, capsys, monkeypatch):

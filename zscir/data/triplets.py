@@ -40,7 +40,7 @@ from PIL import Image
 
 from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..registry import Registry
-from .generic import FileChecker
+from .schema import FileChecker
 from .images import ImageSource, load_image, to_rgb
 
 logger = logging.getLogger(__name__)

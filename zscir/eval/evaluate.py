@@ -40,10 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, atomic_write_json, load_tensors, save_tensors
-from ..data.circo import load_circo
-from ..data.cirr import load_cirr
-from ..data.fashioniq import CAPTION_ORDERS, FASHIONIQ_CATEGORIES, load_fashioniq
-from ..data.generic import AnnotationError, CIRQuery, CIRSplit, ImageId, load_generic
+from ..data.benchmarks.circo import load_circo
+from ..data.benchmarks.cirr import load_cirr
+from ..data.benchmarks.fashioniq import CAPTION_ORDERS, FASHIONIQ_CATEGORIES, load_fashioniq
+from ..data.benchmarks.generic import load_generic
+from ..data.schema import AnnotationError, CIRQuery, CIRSplit, ImageId
 from ..registry import Registry
 from . import metrics as M
 from .submission import write_circo_submission, write_cirr_submission, write_rankings

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from .generic import (
+from ..schema import (
     AnnotationError,
     CIRQuery,
     CIRSplit,

@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .generic import (
+from ..schema import (
     AnnotationError,
     CIRQuery,
     CIRSplit,
