@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from zscir.checkpoint import CheckpointError
-from zscir.models.backbone import BackboneError, PromptError, load_backbone
+from zscir.models.backbone import (BackboneConfig, BackboneError, PromptError, create_backbone, load_backbone,
+                                  register_model_config)
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +102,20 @@ def test_save_and_reload_backbone_folder(tmp_path, tiny):
     (tmp_path / "bb" / "backbone.safetensors").write_bytes((tmp_path / "micro" / "backbone.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="does not match"):
         load_backbone(str(tmp_path / "bb"))
+
+
+def test_an_architecture_config_from_a_folder_is_registered_publicly():
+    import open_clip
+
+    cfg = open_clip.get_model_config("zscir-micro")
+    name = "zscir-test-registered"
+    assert name not in open_clip.list_models()
+    bb = create_backbone(BackboneConfig(name, None, cfg))
+    assert name in open_clip.list_models() and open_clip.get_model_config(name) == cfg
+    assert bb.config.model_name == name and not any(p.requires_grad for p in bb.parameters())
+    register_model_config("zscir-test-other", cfg)
+    assert name in open_clip.list_models()  # registering another keeps the first
+    with pytest.raises(BackboneError, match="cannot register"):
+        register_model_config("a/b", cfg)
+    with pytest.raises(BackboneError, match="text_cfg"):
+        register_model_config("zscir-test-broken", {"embed_dim": 8})

@@ -15,6 +15,12 @@ A model folder holds ``config.json`` (a :class:`ComposerConfig`) and
 backbones that are not a public open_clip checkpoint (the tiny CLIP trained
 here), the backbone weights too. Public backbones (``ViT-L-14``/``openai``)
 are referenced by name and loaded through open_clip.
+
+Adapters are attached in one place, :meth:`Composer.add_adapters` (the
+constructor, ``from_pretrained`` and Stage II all go through it).
+:meth:`Composer.merge_adapters` folds LoRA adapters into the text encoder for
+deployment; a merged Composer encodes exactly as before but cannot be saved
+(save first, merge after loading).
 """
 from __future__ import annotations
 
@@ -32,8 +38,9 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_folder, save_folder
 from .config import Config
-from .models.adapters import AdapterConfig, add_adapters
-from .models.backbone import Backbone, BackboneConfig, load_backbone
+from .models import adapters as _adapters
+from .models.adapters import AdapterConfig
+from .models.backbone import Backbone, BackboneConfig, create_backbone, load_backbone
 from .models.phi import PhiConfig, PhiNetwork
 
 ImageInput = Union[Image.Image, str, os.PathLike, torch.Tensor, np.ndarray]
@@ -47,11 +54,12 @@ class ComposerConfig(Config):
     phi: PhiConfig = dataclasses.field(default_factory=PhiConfig)
     adapters: Optional[AdapterConfig] = None
     query_prompt: str = "a photo of $ that {modification}"
-    image_prompt: str = "a photo of $"
     placeholder: str = "$"
     embed_backbone: bool = False  # backbone weights stored in the folder (local/tiny backbones)
     image_residual: bool = False  # query = normalise(composed + w * reference image), w learned in Stage II
     stage: str = "untrained"  # "untrained", "stage1", "stage2"
+
+    DROPPED_FIELDS = {"image_prompt": "never used by any code path; removed in the layout refactor"}
 
     @classmethod
     def from_dict(cls, data, source: str = "config"):
@@ -75,11 +83,13 @@ class Composer(nn.Module):
         if config.image_residual:
             self.enable_image_residual()
         self.adapter_keys: List[str] = []
-        if config.adapters is not None:
-            prefix = "transformer." if hasattr(backbone.model, "transformer") else "text.transformer."
-            text_transformer = backbone.model.get_submodule(prefix[:-1])
-            names = add_adapters(text_transformer, config.adapters)
-            self.adapter_keys = [prefix + n for n in names]
+        self.merged = False  # LoRA folded into the text encoder (merge_adapters): encodes, cannot be saved
+        adapters, config.adapters = config.adapters, None  # add_adapters records them again
+        try:
+            if adapters is not None:
+                self.add_adapters(adapters)
+        finally:
+            config.adapters = adapters
         self.eval()
 
     # ------------------------------------------------------------ factories
@@ -107,16 +117,10 @@ class Composer(nn.Module):
         config = ComposerConfig.from_dict(raw, source=str(Path(folder) / "config.json"))
         bcfg = config.backbone
         if config.embed_backbone:
-            from .models.backbone import _create
-
-            model, tokenizer, preprocess = _create(bcfg.model_name, bcfg.model_cfg, None, device)
-            model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            backbone = Backbone(model, tokenizer, preprocess, bcfg).to(device)
+            backbone = create_backbone(bcfg, device=device)  # weights come from the folder below
         else:
             backbone = load_backbone(bcfg.model_name, bcfg.pretrained, device=device)
-        composer = cls(backbone, PhiNetwork(config.phi), config).to(device)
+        composer = cls(backbone, PhiNetwork(config.phi), config).to(device)  # adapters: via add_adapters
         own = composer._persistent_state()
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
@@ -145,7 +149,40 @@ class Composer(nn.Module):
 
     def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (atomic); loads back bit-exactly."""
+        if self.merged:
+            raise ValueError("this Composer's LoRA adapters were merged into the text encoder, which a model folder "
+                             "cannot describe; save before merge_adapters() and merge again after loading")
         return save_folder(folder, self.config.to_dict(), self._persistent_state())
+
+    # -------------------------------------------------------------- adapters
+    def add_adapters(self, config: AdapterConfig) -> List[str]:
+        """Insert composing adapters into the text transformer (once); return the new trainable parameter names."""
+        if self.config.adapters is not None:
+            a = self.config.adapters
+            raise ValueError(f"this composer already has adapters ({a.kind} x{a.num_layers} rank {a.rank}); "
+                             "adapters can be added once")
+        prefix, text_transformer = self._text_transformer()
+        names = _adapters.add_adapters(text_transformer, config)
+        text_transformer.to(self.device)  # new adapter weights are created on the CPU
+        self.adapter_keys = [f"{prefix}.{n}" for n in names]
+        self.config.adapters = config
+        self.backbone.invalidate_cache_key()
+        return list(self.adapter_keys)
+
+    def merge_adapters(self) -> int:
+        """Fold LoRA adapters into the text encoder's weights for deployment; return how many weights were folded."""
+        folded = _adapters.merge_adapters(self._text_transformer()[1])
+        if folded:
+            self.merged = True
+            self.adapter_keys = []  # the LoRA parameters are gone
+            self.backbone.invalidate_cache_key()
+        return folded
+
+    def _text_transformer(self) -> Tuple[str, nn.Module]:
+        """Where the text transformer sits in the open_clip model (its state-dict prefix) and the module."""
+        model = self.backbone.model
+        prefix = "transformer" if hasattr(model, "transformer") else "text.transformer"
+        return prefix, model.get_submodule(prefix)
 
     # -------------------------------------------------------------- encoding
     @property

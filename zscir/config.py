@@ -3,7 +3,9 @@
 Every trainable part of zscir is described by a dataclass deriving from
 :class:`Config`. ``cfg.to_json(path)`` / ``Cls.from_json(path)`` round-trip
 exactly; unknown keys are an error that names the key, so a typo in a config
-file never silently falls back to a default.
+file never silently falls back to a default. A field that was removed is listed
+in the class's ``DROPPED_FIELDS``: files written before still load, the key is
+ignored.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Type, TypeVar, Union, get_type_hints
+from typing import Any, ClassVar, Dict, Type, TypeVar, Union, get_type_hints
 
 C = TypeVar("C", bound="Config")
 
@@ -23,6 +25,9 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class Config:
     """Base class: JSON round trip, strict key checking, readable repr."""
+
+    # removed fields that files written by older versions still hold: name -> why it went (ignored on reading)
+    DROPPED_FIELDS: ClassVar[Dict[str, str]] = {}
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-dict form (nested configs become dicts)."""
@@ -42,6 +47,7 @@ class Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
         names = {f.name: f for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k not in cls.DROPPED_FIELDS}
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ConfigError(

@@ -1,4 +1,4 @@
-"""``zscir demo``: the whole TSCIR pipeline, offline, on the built-in shapes world.
+"""The whole TSCIR pipeline, offline, on the built-in shapes world (``zscir demo``, flags in zscir/cli/demo.py).
 
 1. generate the shapes world; pretrain (or reuse the cached) tiny CLIP;
 2. Stage I on unlabeled world images: zscir (multi-token phi with visual
@@ -15,7 +15,6 @@ run that was interrupted (Ctrl-C) continues where it stopped.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import errno
 import json
@@ -31,7 +30,6 @@ import torch
 from .checkpoint import atomic_write_json
 from .composer import Composer
 from .config import Config
-from .models.adapters import AdapterConfig
 from .models.phi import PhiConfig
 from .train.engine import TrainConfig
 
@@ -88,7 +86,7 @@ class OutputFolder:
             path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_file, settings)
         except OSError as err:
-            raise _disk_error(err, path) from None
+            raise disk_error(err, path) from None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -101,7 +99,8 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _disk_error(err: OSError, path: Path) -> OSError:
+def disk_error(err: OSError, path: Path) -> OSError:
+    """A clearer error for a full disk or an unwritable output folder `path` (other errors unchanged)."""
     if err.errno == errno.ENOSPC:
         return OSError(f"the disk holding {path} is full; free some space or choose another --out")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -252,25 +251,3 @@ def _write_figures(folder: OutputFolder, bench: Any, composer: Composer, curves:
         save_training_curves(folder / "training_curves.png", curves)
     except ImportError as err:
         logger.warning("%s; skipping the PNG figures", err)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """CLI arguments of ``zscir demo``."""
-    parser.add_argument("--out", type=Path, default=Path("zscir-demo"), help="output folder (default: ./zscir-demo)")
-    parser.add_argument("--fast", action="store_true", help="a smaller, quicker run")
-    parser.add_argument("--overwrite", action="store_true", help="replace an output folder from another run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where the tiny CLIP is cached")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``zscir demo``."""
-    cfg = dataclasses.replace(PRESETS["fast" if args.fast else "default"], seed=args.seed)
-    try:
-        run_demo(args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress, cache_dir=args.cache_dir)
-    except OSError as err:
-        if isinstance(err, FileExistsError):
-            raise
-        raise _disk_error(err, args.out) from None
-    return 0

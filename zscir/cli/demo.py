@@ -1,2 +1,31 @@
-"""`zscir demo`."""
-from ..demo import add_arguments, run  # noqa: F401  (moved here by the layout refactor)
+"""`zscir demo`: flags of the offline end-to-end demo."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..demo import PRESETS, disk_error, run_demo
+from .common import add_out_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI arguments of ``zscir demo``."""
+    add_out_argument(parser, "output folder (default: ./zscir-demo)", default=Path("zscir-demo"))
+    parser.add_argument("--fast", action="store_true", help="a smaller, quicker run")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output folder from another run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where the tiny CLIP is cached")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``zscir demo``."""
+    cfg = dataclasses.replace(PRESETS["fast" if args.fast else "default"], seed=args.seed)
+    try:
+        run_demo(args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress, cache_dir=args.cache_dir)
+    except OSError as err:
+        if isinstance(err, FileExistsError):
+            raise
+        raise disk_error(err, args.out) from None
+    return 0

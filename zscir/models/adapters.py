@@ -8,6 +8,10 @@ Two kinds, chosen in :class:`AdapterConfig` and registered in ``ADAPTER_KINDS``:
 * ``lora``: low-rank updates W <- W + (alpha / rank) * B A on the attention
   input/output projections and/or the MLP projections (torch parametrizations,
   so open_clip's own forward code runs unchanged); B is zero initialised.
+  ``dropout`` drops whole rank components of the update in training mode (one
+  mask per forward pass: the update is folded into the weight, so it cannot
+  drop per-token inputs as LoRA on a plain linear layer does). :func:`merge_adapters`
+  folds the updates into the base weights for deployment.
 
 ``full`` fine-tunes the whole of the last N blocks instead (an ablation row,
 not an adapter). Adapters go into the last ``num_layers`` blocks; everything
@@ -38,7 +42,7 @@ class AdapterConfig(Config):
     rank: int = 16
     alpha: float = 16.0  # LoRA scaling numerator
     targets: Tuple[str, ...] = ("attn", "mlp")  # sub-layers that get adapters
-    dropout: float = 0.0
+    dropout: float = 0.0  # bottleneck: on the hidden units; LoRA: on the rank components (training mode only)
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -47,6 +51,8 @@ class AdapterConfig(Config):
         bad = [t for t in self.targets if t not in ("attn", "mlp")]
         if bad:
             raise ValueError(f"adapter targets must be 'attn' and/or 'mlp', got {bad}")
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"adapter dropout must be in [0, 1], got {self.dropout}")
 
 
 class Bottleneck(nn.Module):
@@ -93,18 +99,23 @@ class BottleneckBlock(nn.Module):
 
 
 class LoRADelta(nn.Module):
-    """Parametrization W -> W + scale * B @ A (B zero-initialised)."""
+    """Parametrization W -> W + scale * B @ A (B zero-initialised); in training, rank components drop with `dropout`."""
 
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float) -> None:
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.lora_a = nn.Parameter(torch.empty(rank, in_features))
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scale = alpha / rank
+        self.dropout = dropout
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The adapted weight."""
-        return weight + self.scale * (self.lora_b @ self.lora_a).to(weight.dtype)
+        b = self.lora_b
+        if self.training and self.dropout > 0:  # at 0 nothing is drawn: the default keeps the plain LoRA numerics
+            keep = torch.ones(b.shape[1], device=b.device, dtype=b.dtype)
+            b = b * nn.functional.dropout(keep, self.dropout, training=True)
+        return weight + self.scale * (b @ self.lora_a).to(weight.dtype)
 
 
 def _blocks(text_transformer: nn.Module) -> nn.ModuleList:
@@ -116,7 +127,8 @@ def _blocks(text_transformer: nn.Module) -> nn.ModuleList:
 
 @ADAPTER_KINDS.register("bottleneck")
 def _add_bottleneck(blocks: nn.ModuleList, index: int, cfg: AdapterConfig) -> None:
-    blocks[index] = BottleneckBlock(blocks[index], cfg)
+    # new modules take the train/eval mode of the block they go into
+    blocks[index] = BottleneckBlock(blocks[index], cfg).train(blocks[index].training)
 
 
 @ADAPTER_KINDS.register("lora")
@@ -129,7 +141,8 @@ def _add_lora(blocks: nn.ModuleList, index: int, cfg: AdapterConfig) -> None:
         targets += [(block.mlp.c_fc, "weight"), (block.mlp.c_proj, "weight")]
     for module, name in targets:
         out_f, in_f = getattr(module, name).shape
-        parametrize.register_parametrization(module, name, LoRADelta(out_f, in_f, cfg.rank, cfg.alpha))
+        delta = LoRADelta(out_f, in_f, cfg.rank, cfg.alpha, cfg.dropout).train(module.training)
+        parametrize.register_parametrization(module, name, delta)
 
 
 @ADAPTER_KINDS.register("full")
@@ -157,6 +170,31 @@ def add_adapters(text_transformer: nn.Module, cfg: AdapterConfig) -> List[str]:
 
 def _is_adapter_param(name: str) -> bool:
     return ".adapter_" in name or "lora_" in name
+
+
+def merge_adapters(text_transformer: nn.Module) -> int:
+    """Fold every LoRA update into its base weight (for deployment); return how many weights were folded.
+
+    The merged weights are the adapted weights of eval mode, so outputs do not
+    change; the LoRA parameters are gone afterwards. Bottleneck adapters are
+    non-linear and cannot be folded (ValueError); ``full`` blocks and an
+    already merged transformer have nothing to fold (0).
+    """
+    if any(isinstance(m, BottleneckBlock) for m in text_transformer.modules()):
+        raise ValueError("bottleneck adapters are non-linear and cannot be merged into the base weights; "
+                         "only LoRA adapters can")
+    folded = 0
+    for module in list(text_transformer.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for name in list(module.parametrizations.keys()):
+            plist = module.parametrizations[name]
+            if not any(isinstance(p, LoRADelta) for p in plist):
+                continue
+            plist.eval()  # no dropout in the folded weight
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+            folded += 1
+    return folded
 
 
 def adapter_state(text_transformer: nn.Module) -> Dict[str, torch.Tensor]:

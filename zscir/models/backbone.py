@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -333,12 +334,34 @@ def _embed_dim(model: nn.Module) -> int:
     raise BackboneError("cannot determine the embedding width of this model")
 
 
+_REGISTERED_CONFIGS: Optional[tempfile.TemporaryDirectory] = None
+
+
+def register_model_config(model_name: str, model_cfg: Dict[str, Any]) -> None:
+    """Make an open_clip architecture config (e.g. one stored in a model folder) known under `model_name`."""
+    import open_clip
+
+    if model_name in open_clip.list_models():
+        return
+    if not model_name or any(c in model_name for c in "/\\:") or model_name.startswith("."):
+        raise BackboneError(f"cannot register an open_clip config under the name {model_name!r}")
+    # open_clip's public registry reads JSON files named after the model; they live as long as the process,
+    # since open_clip re-reads every registered path whenever another one is added
+    global _REGISTERED_CONFIGS
+    if _REGISTERED_CONFIGS is None:
+        _REGISTERED_CONFIGS = tempfile.TemporaryDirectory(prefix="zscir-model-configs-")
+    path = Path(_REGISTERED_CONFIGS.name) / f"{model_name}.json"
+    path.write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(path)
+    if model_name not in open_clip.list_models():
+        raise BackboneError(f"the open_clip config of {model_name!r} needs embed_dim, vision_cfg and text_cfg")
+
+
 def _create(model_name: str, model_cfg: Optional[Dict[str, Any]], pretrained: Optional[str], device: str):
     import open_clip
 
     if model_cfg is not None and model_name not in open_clip.list_models():
-        # register a config that came from a saved folder so open_clip can build it
-        open_clip.factory._MODEL_CONFIGS[model_name] = model_cfg
+        register_model_config(model_name, model_cfg)  # a config that came from a saved folder
     if model_name not in open_clip.list_models():
         close = difflib.get_close_matches(model_name, open_clip.list_models(), n=5)
         raise BackboneError(
@@ -357,6 +380,21 @@ def _create(model_name: str, model_cfg: Optional[Dict[str, Any]], pretrained: Op
         root.setLevel(level)
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, tokenizer, preprocess
+
+
+def _wrap(model: nn.Module, tokenizer: Any, preprocess: Any, config: BackboneConfig, device: str,
+          freeze: bool) -> Backbone:
+    model.eval()
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return Backbone(model, tokenizer, preprocess, config).to(device)
+
+
+def create_backbone(config: BackboneConfig, device: str = "cpu", freeze: bool = True) -> Backbone:
+    """The architecture `config` names, randomly initialised (no pretrained weights), for callers that load weights."""
+    model, tokenizer, preprocess = _create(config.model_name, config.model_cfg, None, device)
+    return _wrap(model, tokenizer, preprocess, config, device, freeze)
 
 
 def _load_weight_file(model: nn.Module, path: Path) -> None:
@@ -414,8 +452,4 @@ def load_backbone(
             _load_weight_file(model, weight_file)
         else:
             model, tokenizer, preprocess = _create(model_name, None, pretrained, device)
-    model.eval()
-    if freeze:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    return Backbone(model, tokenizer, preprocess, config).to(device)
+    return _wrap(model, tokenizer, preprocess, config, device, freeze)

@@ -424,15 +424,7 @@ class MinedNegatives(Stage2Component):
 
 def prepare_stage2(composer: Composer, adapters: AdapterConfig) -> Composer:
     """A copy-free upgrade: insert composing adapters into a Stage-I composer (in place) and return it."""
-    from ..models.adapters import add_adapters
-
-    if composer.config.adapters is not None:
-        raise ValueError("this composer already has adapters")
-    prefix = "transformer." if hasattr(composer.backbone.model, "transformer") else "text.transformer."
-    names = add_adapters(composer.backbone.model.get_submodule(prefix[:-1]), adapters)
-    composer.adapter_keys = [prefix + n for n in names]
-    composer.config.adapters = adapters
-    composer.backbone.invalidate_cache_key()
+    composer.add_adapters(adapters)
     return composer
 
 
