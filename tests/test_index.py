@@ -325,11 +325,13 @@ def test_index_and_search_commands(tmp_path, fake_composer, capsys):
     index = EmbeddingIndex.open(idx, model_key="fake-composer-1")
     assert len(index) == 12 and "sub/g01.png" in index and "g00.png" in index
     assert "broken.jpg" in (idx / "bad_images.log").read_text()
+    assert [s["id"] for s in index.skipped] == ["broken.jpg"]  # recorded in the index too, and retried next time
 
     # a second run finds everything indexed and adds nothing; --backend builds a FAISS structure
     assert _cli(index_add_arguments, index_run, argv + ["--backend", "flat"]) == 0
     assert "12 already indexed, 1 to embed" in capsys.readouterr().out  # the broken file is retried
     assert set(EmbeddingIndex.open(idx).meta["backends"]) == {"flat"}
+    assert [s["id"] for s in EmbeddingIndex.open(idx).skipped] == ["broken.jpg"]
 
     query_img = gallery / "sub" / "g05.png"
     search_argv = [str(idx), "--model", "MODEL", "--image", str(query_img), "--text", "make it red", "-k", "3", "--json"]
@@ -339,6 +341,8 @@ def test_index_and_search_commands(tmp_path, fake_composer, capsys):
     assert results[0]["id"] == "sub/g05.png" and results[0]["score"] == pytest.approx(1.0, abs=1e-3)
     assert _cli(search_add_arguments, search_run, search_argv + ["--exclude", "sub/g05.png", "--backend", "flat"]) == 0
     assert "sub/g05.png" not in [r["id"] for r in json.loads(capsys.readouterr().out)]
+    assert _cli(search_add_arguments, search_run, search_argv + ["--out", str(tmp_path / "grid.png")]) == 0
+    assert Image.open(tmp_path / "grid.png").size[0] > 0  # result images found through image_root.txt
 
     fake_composer.cache_key = "another-model"
     try:

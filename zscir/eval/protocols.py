@@ -147,7 +147,6 @@ def rank_split(
 # ----------------------------------------------------------------------------- metrics
 Rankings = Sequence[Sequence[ImageId]]
 SubsetRankings = Sequence[Optional[Sequence[ImageId]]]
-Metrics = "OrderedDict[str, float]"
 
 
 def _recall_truths(bench: Benchmark, queries: Sequence[CIRQuery]) -> List[Tuple[ImageId, ...]]:
@@ -157,7 +156,7 @@ def _recall_truths(bench: Benchmark, queries: Sequence[CIRQuery]) -> List[Tuple[
 
 
 def _plain_metrics(bench: Benchmark, queries: Sequence[CIRQuery], rankings: Rankings,
-                   subset_rankings: SubsetRankings) -> Metrics:
+                   subset_rankings: SubsetRankings) -> "OrderedDict[str, float]":
     out: "OrderedDict[str, float]" = OrderedDict()
     if bench.map_ks:
         for k, v in M.mean_average_precision_at_ks(rankings, [q.targets for q in queries], bench.map_ks).items():
@@ -172,7 +171,7 @@ def _plain_metrics(bench: Benchmark, queries: Sequence[CIRQuery], rankings: Rank
 
 
 def _overall_metrics(bench: Benchmark, queries: Sequence[CIRQuery], rankings: Rankings,
-                     subset_rankings: SubsetRankings) -> Metrics:
+                     subset_rankings: SubsetRankings) -> "OrderedDict[str, float]":
     """One set of metrics over all queries, plus the benchmark's summary mean as ``avg``."""
     out = _plain_metrics(bench, queries, rankings, subset_rankings)
     if bench.summary:
@@ -181,7 +180,7 @@ def _overall_metrics(bench: Benchmark, queries: Sequence[CIRQuery], rankings: Ra
 
 
 def _per_gallery_metrics(bench: Benchmark, queries: Sequence[CIRQuery], rankings: Rankings,
-                         subset_rankings: SubsetRankings) -> Metrics:
+                         subset_rankings: SubsetRankings) -> "OrderedDict[str, float]":
     """``<gallery>/<metric>`` per gallery, ``average/<metric>`` over galleries and their mean ``average``."""
     out: "OrderedDict[str, float]" = OrderedDict()
     groups: "OrderedDict[str, List[int]]" = OrderedDict()
@@ -201,7 +200,7 @@ def _per_gallery_metrics(bench: Benchmark, queries: Sequence[CIRQuery], rankings
 
 
 def _per_kind_metrics(bench: Benchmark, queries: Sequence[CIRQuery], rankings: Rankings,
-                      subset_rankings: SubsetRankings) -> Metrics:
+                      subset_rankings: SubsetRankings) -> "OrderedDict[str, float]":
     """The overall metrics, plus ``kind/<kind>/R@K`` and ``mean_over_kinds/R@K`` when queries have a kind."""
     out = _overall_metrics(bench, queries, rankings, subset_rankings)
     if not any(q.kind is not None for q in queries):

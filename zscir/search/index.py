@@ -23,18 +23,16 @@ import torch
 
 from .backends import BACKENDS, EmbeddingIndexError, SearchBackend, exact_rerank
 from .exact import ArrayLike, exact_topk
-from .store import IDS_NAME, LOCK_NAME, META_NAME, ArraySpec, EmbeddingStore, Id, check_id
+from .store import IDS_NAME, META_NAME, ArraySpec, EmbeddingStore, Id, check_id
 
 if TYPE_CHECKING:
     from ..composer import Composer
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT_VERSION = 1
 INDEX_META = META_NAME
 INDEX_IDS = IDS_NAME
 INDEX_EMBEDDINGS = "embeddings.f16"
-INDEX_LOCK = LOCK_NAME
 IMAGE_ROOT_FILE = "image_root.txt"  # the folder the ids are relative to (lets `zscir search --out` find the images)
 METRICS = ("cosine", "ip")
 _REQUIRED = ("format_version", "dim", "count", "model_key", "metric", "ids_bytes", "backends")
