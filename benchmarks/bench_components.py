@@ -111,8 +111,8 @@ def score_rankings(bench: Any, rankings: Sequence[Sequence[int]]) -> Dict[str, A
 def evaluate(bench: Any, composer: Any, rerank: bool = False) -> Dict[str, Any]:
     """Score a composer on a benchmark, optionally with the kNN re-ranker over the top-RERANK_K."""
     from zscir.eval.shapes_eval import composer_encoder
-    from zscir.index import exact_topk
-    from zscir.rerank import rerank_search
+    from zscir.search import exact_topk
+    from zscir.search import rerank_search
 
     queries = bench.query_embeddings(composer_encoder(composer))
     if rerank:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from zscir.checkpoint import atomic_write_json
-from zscir.index import HNSWBackend, IVFBackend, exact_topk
+from zscir.search import HNSWBackend, IVFBackend, exact_topk
 
 
 def make_gallery(n: int, dim: int, clusters: int, noise: float, seed: int, chunk: int = 65536) -> np.ndarray:

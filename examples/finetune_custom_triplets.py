@@ -34,7 +34,7 @@ from zscir.checkpoint import atomic_write_json
 from zscir.composer import Composer
 from zscir.data.triplets import TripletSet, load_triplets
 from zscir.eval.metrics import recall_at_ks
-from zscir.index import exact_topk
+from zscir.search import exact_topk
 from zscir.models.adapters import AdapterConfig
 from zscir.train.engine import TrainConfig
 from zscir.train.stage2 import Stage2Config, encode_triplets, fit_to_context, train_stage2

@@ -11,7 +11,7 @@ Your own model and photos::
         --reference photos/dog.jpg --text "the same dog but on a beach" -k 8 --out grid.png
 
 Add ``--index photos.index`` to keep the gallery embeddings on disk (a
-``zscir.index.EmbeddingIndex``, the same format ``zscir index`` writes): the
+``zscir.search.EmbeddingIndex``, the same format ``zscir index`` writes): the
 next run only embeds images that are new. Without ``--model`` an untrained
 ``Composer.from_clip("zscir-tiny")`` is used, which runs but ranks at random.
 """
@@ -30,7 +30,7 @@ import torch
 
 from zscir.composer import Composer
 from zscir.data.images import iter_image_batches, list_images, load_image
-from zscir.index import INDEX_META, EmbeddingIndex, exact_topk, model_key_of
+from zscir.search import INDEX_META, EmbeddingIndex, exact_topk, model_key_of
 
 Hit = Tuple[str, float]  # (gallery id = path relative to the image folder, cosine score)
 

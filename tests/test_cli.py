@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from zscir import cli
-from zscir.index import EmbeddingIndex
+from zscir.search import EmbeddingIndex
 
 REPO = Path(__file__).resolve().parents[1]
 

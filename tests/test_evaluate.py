@@ -1,8 +1,10 @@
 """End-to-end evaluation on tiny fixture folders with fake models whose metrics are known in advance."""
 import argparse
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,13 +19,18 @@ from fixtures_cir import (
     make_generic,
     scripted_ranking,
 )
+from zscir.checkpoint import save_tensors
+from zscir.cli import eval as E_cli
 from zscir.data.benchmarks.fashioniq import fashioniq_texts
 from zscir.data.benchmarks.generic import load_generic
-from zscir.data.images import load_image
 from zscir.data.schema import AnnotationError
-from zscir.eval import evaluate as E
-from zscir.eval.evaluate import EvaluationError, MissingImagesError, evaluate
+from zscir.data.images import load_image
+from zscir.eval import encode as E_enc
+from zscir.eval import encode_queries, gallery_cache_key, load_benchmark
+from zscir.eval.evaluate import evaluate
+from zscir.eval.protocols import EvaluationError, MissingImagesError
 from zscir.eval.submission import SubmissionError, check_circo_submission, check_cirr_submission, read_rankings
+from zscir.search import EmbeddingStore
 
 QUIET = dict(progress=False, print_results=False, use_cache=False)
 
@@ -58,7 +65,7 @@ def test_cirr_val_metrics_match_hand_computation(tmp_path):
 
 def test_cirr_reference_removal_is_what_makes_the_oracle_perfect(tmp_path):
     fx = make_cirr(tmp_path)
-    data = E.load_benchmark("cirr", tmp_path, "val")
+    data = load_benchmark("cirr", tmp_path, "val")
     # a model that ranks the reference first and the target second
     script = {r["caption"]: scripted_ranking(fx, [r["reference"], r["target_hard"]]) for r in fx.val}
     assert evaluate(ScriptedModel(fx.num_images, script), data, **QUIET)["metrics"]["R@1"] == 100.0
@@ -153,9 +160,9 @@ def test_fashioniq_per_category_recalls_and_both_caption_orders(tmp_path):
 
 def test_query_features_average_the_normalised_caption_orders(tmp_path):
     make_fashioniq(tmp_path)
-    data = E.load_benchmark("fashioniq", tmp_path, "val")
+    data = load_benchmark("fashioniq", tmp_path, "val")
     model = PixelModel()
-    feats, failures = E.encode_queries(model, data.queries[:2], data.image_paths, batch_size=1, progress=False)
+    feats, failures = encode_queries(model, data.queries[:2], data.image_paths, batch_size=1, progress=False)
     assert not failures
     q = data.queries[1]
     image = load_image(data.image_paths[q.reference])
@@ -285,7 +292,7 @@ def test_gallery_features_are_cached_by_model_and_files(tmp_path):
     opts = dict(progress=False, print_results=False, cache_dir=cache)
     first = PixelModel()
     r1 = evaluate(first, "generic", "val", root=tmp_path / "data", **opts)
-    assert first.image_calls > 0 and len(list(cache.glob("gallery-*.safetensors"))) == 1
+    assert first.image_calls > 0 and len(list(cache.glob("gallery-*/meta.json"))) == 1
     again = PixelModel()
     r2 = evaluate(again, "generic", "val", root=tmp_path / "data", **opts)
     assert again.image_calls == 0 and r2["metrics"] == r1["metrics"]
@@ -298,13 +305,52 @@ def test_gallery_features_are_cached_by_model_and_files(tmp_path):
     assert path.stat().st_size != old_size
     changed = PixelModel()
     evaluate(changed, "generic", "val", root=tmp_path / "data", **opts)
-    assert changed.image_calls > 0 and len(list(cache.glob("gallery-*.safetensors"))) == 3
+    assert changed.image_calls > 0 and len(list(cache.glob("gallery-*/meta.json"))) == 3
+
+
+def test_gallery_cache_keeps_exact_features_and_resumes(tmp_path):
+    make_generic(tmp_path / "data")
+    opts = dict(progress=False, print_results=False, cache_dir=tmp_path / "cache")
+    data = load_generic(tmp_path / "data")
+    ids = data.galleries["all"]
+    paths = [data.image_paths[i] for i in ids]
+    fresh = E_enc.encode_gallery(PixelModel(), ids, paths, cache_dir=None, progress=False)[0]
+    cached = E_enc.encode_gallery(PixelModel(), ids, paths, cache_dir=tmp_path / "cache", progress=False)[0]
+    again = PixelModel()
+    reread = E_enc.encode_gallery(again, ids, paths, cache_dir=tmp_path / "cache", progress=False)[0]
+    assert again.image_calls == 0 and torch.equal(reread, fresh) and torch.equal(cached, fresh)  # float32, bit-exact
+    # a cache that holds only some of the images (an interrupted run) encodes just the others
+    store = EmbeddingStore.open(next((tmp_path / "cache").glob("gallery-*")))
+    partial = tmp_path / "partial" / store.folder.name
+    part = EmbeddingStore.create(partial, store.arrays, meta={"model_key": store.meta["model_key"]})
+    part.add(store.ids[:4], {"embeddings": np.asarray(store.array("embeddings")[:4])})
+    resumed = PixelModel()
+    features = E_enc.encode_gallery(resumed, ids, paths, cache_dir=tmp_path / "partial", batch_size=100, progress=False)[0]
+    assert resumed.image_calls == 1 and torch.equal(features, fresh)
+    assert len(EmbeddingStore.open(partial)) == len(ids)
+    assert evaluate(PixelModel(), "generic", "val", root=tmp_path / "data", **opts)["num_queries"] == 4
+
+
+def test_gallery_cache_file_of_an_older_zscir_is_read(tmp_path):
+    """Before the embedding store the cache was one safetensors file of float32 rows in sorted-path order."""
+    make_generic(tmp_path / "data")
+    data = load_generic(tmp_path / "data")
+    ids = data.galleries["all"]
+    paths = [data.image_paths[i] for i in ids]
+    fresh = E_enc.encode_gallery(PixelModel(), ids, paths, cache_dir=None, progress=False)[0]
+    order = sorted(range(len(paths)), key=lambda i: os.path.abspath(paths[i]))
+    key = gallery_cache_key(PixelModel().cache_key, paths)
+    save_tensors(tmp_path / "old" / f"gallery-{key[:32]}.safetensors", {"features": fresh[torch.tensor(order)]},
+                 metadata={"model": PixelModel().cache_key, "count": str(len(ids))})
+    model = PixelModel()
+    loaded = E_enc.encode_gallery(model, ids, paths, cache_dir=tmp_path / "old", progress=False)[0]
+    assert model.image_calls == 0 and torch.equal(loaded, fresh)
 
 
 # ------------------------------------------------------------------------------- CLI
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="zscir eval")
-    E.add_arguments(parser)
+    E_cli.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -316,36 +362,36 @@ def test_cli_run_writes_results_rankings_and_submission(tmp_path, monkeypatch, c
         loaded.append(path)
         return ScriptedModel(fx.num_images, cirr_val_script(fx))
 
-    monkeypatch.setattr(E, "load_model", fake_loader)
+    monkeypatch.setattr(E_cli, "load_model", fake_loader)
     args = _parse(["--dataset", "cirr", "--root", str(tmp_path / "cirr"), "--split", "val", "--model", "MODEL_DIR",
                    "--out", str(tmp_path / "res.json"), "--save-rankings", str(tmp_path / "rank.json"),
                    "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--batch-size", "3"])
-    assert E.run(args) == 0 and loaded == ["MODEL_DIR"]
+    assert E_cli.run(args) == 0 and loaded == ["MODEL_DIR"]
     saved = json.loads((tmp_path / "res.json").read_text())
     assert saved["metrics"]["R@5"] == 75.0 and saved["num_queries"] == 4
     assert "Rsubset@1" in capsys.readouterr().out
     assert set(read_rankings(tmp_path / "rank.json")) == {"100", "101", "102", "103"}
 
-    monkeypatch.setattr(E, "load_model", lambda path, device=None: PixelModel())
+    monkeypatch.setattr(E_cli, "load_model", lambda path, device=None: PixelModel())
     args = _parse(["--dataset", "cirr", "--root", str(tmp_path / "cirr"), "--split", "test", "--model", "m",
                    "--submission", str(tmp_path / "sub"), "--no-cache", "--no-progress"])
-    assert E.run(args) == 0
+    assert E_cli.run(args) == 0
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["zscir_cirr_recall.json", "zscir_cirr_recall_subset.json"]
 
 
 def test_cli_reports_data_errors_with_exit_code(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(E, "load_model", lambda path, device=None: PixelModel())
+    monkeypatch.setattr(E_cli, "load_model", lambda path, device=None: PixelModel())
     args = _parse(["--dataset", "circo", "--root", str(tmp_path / "absent"), "--model", "m", "--no-progress"])
-    assert E.run(args) == 1
+    assert E_cli.run(args) == 1
     assert "folder not found" in capsys.readouterr().err
     make_circo(tmp_path / "circo")
     (tmp_path / "circo" / "COCO2017_unlabeled" / "unlabeled2017" / f"{1000:012d}.png").unlink()
     args = _parse(["--dataset", "circo", "--root", str(tmp_path / "circo"), "--model", "m", "--no-progress", "--no-cache"])
-    assert E.run(args) == 1
+    assert E_cli.run(args) == 1
     assert "000000001000.png" in capsys.readouterr().err
     args = _parse(["--dataset", "circo", "--root", str(tmp_path / "circo"), "--model", "m", "--no-progress",
                    "--no-cache", "--allow-missing", "--out", str(tmp_path / "o.json")])
-    assert E.run(args) == 0
+    assert E_cli.run(args) == 0
     assert json.loads((tmp_path / "o.json").read_text())["num_skipped"] == 1  # query 0 has that reference
 
 

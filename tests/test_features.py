@@ -134,7 +134,7 @@ def test_interrupted_build_resumes_from_last_chunk(tmp_path, backbone):
         # chunks of 4 in batches of 2: chunk 0 = calls 1-2, chunk 1 dies at call 4
         FeatureCache.build(flaky, paths, tmp_path / "cache", patch_grid=2, batch_size=2, chunk_size=4, progress=False)
     folder = cache_folder(backbone, paths, tmp_path / "cache", patch_grid=2)
-    assert json.loads((folder / "meta.json").read_text())["completed"] == 4
+    assert json.loads((folder / "meta.json").read_text())["count"] == 4
     with pytest.raises(FeatureCacheError, match="incomplete .4/10"):
         FeatureCache.open(folder)
 
@@ -203,3 +203,37 @@ def test_pooled_only_cache(tmp_path, backbone):
     item = cache.torch_dataset()[1]
     assert item["index"] == 2 and "patches" not in item
     assert cache.folder != cache_folder(backbone, paths, tmp_path / "cache", patch_grid=4)
+
+
+def _rewrite_as_before_the_store(folder: Path, meta: dict, completed: Optional[int] = None) -> None:
+    """Write the meta.json FeatureCache wrote before it used the EmbeddingStore (the .npy files are the same)."""
+    old = {k: meta[k] for k in ("key", "digest", "embed_dim", "patch_count", "source_grid", "dtype", "chunk_size")}
+    old["completed"] = meta["count"] if completed is None else completed
+    old["complete"] = old["completed"] == meta["key"]["count"]
+    old["failures"] = [{"index": s["id"], "path": s["path"], "reason": s["reason"]} for s in meta["skipped"]
+                       if s["id"] < old["completed"]]
+    (folder / "meta.json").write_text(json.dumps(old))
+
+
+def test_cache_written_before_the_store_loads_and_resumes(tmp_path, backbone):
+    paths = _corpus(tmp_path / "imgs", n=10, bad=(3, 7))
+    built = FeatureCache.build(backbone, paths, tmp_path / "cache", patch_grid=2, batch_size=3, chunk_size=4, progress=False)
+    pooled, patches, valid = built.pooled[:].copy(), built.patches[:].copy(), built.valid[:].copy()
+    meta = json.loads((built.folder / "meta.json").read_text())
+    _rewrite_as_before_the_store(built.folder, meta)
+    old = FeatureCache.open(built.folder, backbone_key=backbone.cache_key)
+    assert np.array_equal(old.pooled, pooled) and np.array_equal(old.patches, patches) and np.array_equal(old.valid, valid)
+    assert [f["index"] for f in old.failures] == [3, 7] and "img07.png" in old.failures[1]["path"]
+    counting = Wrapped(backbone)
+    assert FeatureCache.build(counting, paths, tmp_path / "cache", patch_grid=2, progress=False).folder == built.folder
+    assert counting.calls == 0  # reused, not re-encoded
+    assert [int(item["index"]) for item in old.torch_dataset()] == [0, 1, 2, 4, 5, 6, 8, 9]
+
+    _rewrite_as_before_the_store(built.folder, meta, completed=4)  # an older zscir was interrupted after one chunk
+    with pytest.raises(FeatureCacheError, match="incomplete .4/10"):
+        FeatureCache.open(built.folder)
+    resumed = FeatureCache.build(counting, paths, tmp_path / "cache", patch_grid=2, batch_size=3, chunk_size=4,
+                                 progress=False)
+    assert counting.calls > 0 and json.loads((built.folder / "meta.json").read_text())["count"] == 10
+    assert [f["index"] for f in resumed.failures] == [3, 7] and resumed.valid.tolist() == valid.tolist()
+    np.testing.assert_allclose(resumed.pooled[:].astype(np.float32), pooled.astype(np.float32), rtol=2e-3, atol=2e-3)

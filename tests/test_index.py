@@ -11,16 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from zscir.index import (
-    BACKENDS,
-    EmbeddingIndex,
-    EmbeddingIndexError,
-    exact_topk,
-    index_add_arguments,
-    index_run,
-    search_add_arguments,
-    search_run,
-)
+from zscir.cli.index import index_add_arguments, index_run, search_add_arguments, search_run
+from zscir.search import BACKENDS, EmbeddingIndex, EmbeddingIndexError, exact_topk
 
 
 def _reference_ranking(scores: torch.Tensor, k: int, banned=()):
@@ -173,6 +165,25 @@ def test_interrupted_add_is_ignored_and_repaired(tmp_path):
     assert final.search(np.eye(4)[2:3], k=1)[0][0][0] == "c"
 
 
+def test_index_written_before_the_store_loads_and_grows(tmp_path):
+    """The files `zscir index` wrote before the EmbeddingStore: meta.json without a layout, raw float16 rows."""
+    folder = tmp_path / "old"
+    folder.mkdir()
+    rows = np.array([[1, 0, 0, 0], [0, 0.6, 0.8, 0], [0, 0, 0, 1]], dtype="<f2")
+    (folder / "embeddings.f16").write_bytes(rows.tobytes())
+    (folder / "ids.jsonl").write_bytes(b'"a"\n"b"\n3\n')
+    (folder / "meta.json").write_text(json.dumps({
+        "backends": {}, "count": 3, "dim": 4, "dtype": "float16", "format_version": 1, "ids_bytes": 10,
+        "metric": "cosine", "model_key": "m"}, indent=2))
+    index = EmbeddingIndex.open(folder, model_key="m")
+    assert index.ids == ["a", "b", 3] and index.embeddings.shape == (3, 4) and index.skipped == []
+    assert index.search(np.array([[0, 1.0, 1.0, 0]]), k=2)[0][0][0] == "b"
+    index.add(["new"], np.array([[1.0, 1.0, 0, 0]]), skipped=[{"id": "bad.png", "reason": "cannot decode"}])
+    again = EmbeddingIndex.open(folder)
+    assert again.ids == ["a", "b", 3, "new"] and again.skipped == [{"id": "bad.png", "reason": "cannot decode"}]
+    np.testing.assert_array_equal(again.embeddings[:3], rows)
+
+
 def test_inner_product_metric_keeps_norms(tmp_path):
     index = EmbeddingIndex.create(tmp_path / "idx", dim=2, model_key="m", metric="ip")
     index.add(["small", "big"], np.array([[1.0, 0.0], [0.0, 3.0]]))
@@ -220,6 +231,15 @@ def test_faiss_backends_agree_with_exact(tmp_path):
         index.search_arrays(queries, 10, backend="hnsw", nprobe=4)
     with pytest.raises(KeyError, match="unknown index backend 'annoy'"):
         index.search_arrays(queries, 10, backend="annoy")
+
+    # exact re-rank of the approximate candidates recovers the exact order (scores from the stored rows)
+    _, refined = index.search_arrays(queries, 10, backend="pq", rerank=200)
+    assert _recall(refined, exact_rows) > _recall(rows, exact_rows)
+    exact_scores, _ = index.search_arrays(queries, 10)
+    scores, _ = index.search_arrays(queries, 10, backend="flat", rerank=10)
+    assert torch.allclose(scores, exact_scores, atol=1e-6)
+    with pytest.raises(ValueError, match="takes no search parameters"):
+        index.search_arrays(queries, 10, rerank=50)
 
 
 def _recall(found: torch.Tensor, truth: torch.Tensor) -> float:
@@ -305,11 +325,13 @@ def test_index_and_search_commands(tmp_path, fake_composer, capsys):
     index = EmbeddingIndex.open(idx, model_key="fake-composer-1")
     assert len(index) == 12 and "sub/g01.png" in index and "g00.png" in index
     assert "broken.jpg" in (idx / "bad_images.log").read_text()
+    assert [s["id"] for s in index.skipped] == ["broken.jpg"]  # recorded in the index too, and retried next time
 
     # a second run finds everything indexed and adds nothing; --backend builds a FAISS structure
     assert _cli(index_add_arguments, index_run, argv + ["--backend", "flat"]) == 0
     assert "12 already indexed, 1 to embed" in capsys.readouterr().out  # the broken file is retried
     assert set(EmbeddingIndex.open(idx).meta["backends"]) == {"flat"}
+    assert [s["id"] for s in EmbeddingIndex.open(idx).skipped] == ["broken.jpg"]
 
     query_img = gallery / "sub" / "g05.png"
     search_argv = [str(idx), "--model", "MODEL", "--image", str(query_img), "--text", "make it red", "-k", "3", "--json"]
@@ -319,6 +341,8 @@ def test_index_and_search_commands(tmp_path, fake_composer, capsys):
     assert results[0]["id"] == "sub/g05.png" and results[0]["score"] == pytest.approx(1.0, abs=1e-3)
     assert _cli(search_add_arguments, search_run, search_argv + ["--exclude", "sub/g05.png", "--backend", "flat"]) == 0
     assert "sub/g05.png" not in [r["id"] for r in json.loads(capsys.readouterr().out)]
+    assert _cli(search_add_arguments, search_run, search_argv + ["--out", str(tmp_path / "grid.png")]) == 0
+    assert Image.open(tmp_path / "grid.png").size[0] > 0  # result images found through image_root.txt
 
     fake_composer.cache_key = "another-model"
     try:

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zscir.index import exact_topk
-from zscir.rerank import RerankConfig, knn_affinity, rerank, rerank_search
+from zscir.search import exact_topk
+from zscir.search.rerank import RerankConfig, knn_affinity, rerank, rerank_search
 
 
 def clustered_candidates(seed=0):

@@ -279,7 +279,7 @@ class Composer(nn.Module):
         q = self.encode_query([image], [text])
         if hasattr(gallery, "search") and not isinstance(gallery, torch.Tensor):
             return gallery.search(q, k)
-        from .index import exact_topk
+        from .search.exact import exact_topk
 
         return exact_topk(q, torch.as_tensor(gallery), k)
 

@@ -3,9 +3,11 @@
 For every image the cache stores the pooled embedding ``[D]`` and the projected
 patch tokens ``[P, D]`` (float16), where the backbone's patch grid (e.g. 16x16
 for ViT-L/14 at 224 px) is optionally average-pooled to ``g x g`` so that
-million-image corpora fit on disk. Files in a cache folder::
+million-image corpora fit on disk. The folder is an
+:class:`~zscir.search.store.EmbeddingStore` with three preallocated ``.npy``
+arrays and the row numbers as ids::
 
-    meta.json       key, shapes, progress (items completed), failures   (atomic rewrite)
+    meta.json       store record (rows completed, array layout, skipped images) + key, shapes   (atomic rewrite)
     paths.json      the image names, in order                            (atomic)
     pooled.npy      float16 [N, D]      numpy .npy, memory-mapped, no pickle
     patches.npy     float16 [N, P, D]
@@ -19,9 +21,11 @@ recomputes the digest from ``meta.json`` and checks it against the folder name,
 and against an expected backbone key when given, so a cache built by another
 backbone (or other settings) is never silently reused.
 
-**Resuming.** Items are encoded in chunks; after each chunk the arrays are
-flushed and ``meta.json`` is atomically rewritten with the number of completed
-items. An interrupted build restarts from the last completed chunk.
+**Resuming.** Items are encoded in chunks, each one store append: its rows
+are written and flushed, then ``meta.json`` is atomically rewritten with the
+number of completed items. An interrupted build restarts from the last
+completed chunk. Caches written before the store (``completed`` in
+``meta.json``) are read as they are; resuming one records it as a store.
 
 **Disk cost per image**, ViT-L/14 at 224 px (embed_dim D = 768, 16 x 16 = 256 patches),
 float16 (2 bytes/value), pooled embedding included, 1 byte valid flag:
@@ -52,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_json
+from ..search.store import STORE_FORMAT_VERSION, ArraySpec, EmbeddingStore, StoreAppend, StoreError
 from .images import ImageFailure, ImageSource, SliceSource, as_image_source, iter_image_batches
 
 logger = logging.getLogger(__name__)
@@ -64,7 +69,7 @@ ARRAY_FILES = {"pooled": "pooled.npy", "patches": "patches.npy", "valid": "valid
 PatchGrid = Union[None, int, Tuple[int, int], Sequence[int]]
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(StoreError):
     """A feature cache folder is missing, incomplete, corrupt or was built with other settings."""
 
 
@@ -153,15 +158,21 @@ def pool_patches(patches: torch.Tensor, source_grid: Tuple[int, int], grid: Tupl
     return x.permute(0, 2, 3, 1).reshape(b, grid[0] * grid[1], d)
 
 
+class _FeatureStore(EmbeddingStore):
+    error = FeatureCacheError
+    noun = "feature cache"
+
+
 class FeatureCache:
     """Read side of a Stage-I feature cache (see the module docstring); build or resume with :meth:`build`."""
 
-    def __init__(self, folder: Path, meta: Dict[str, Any], arrays: Dict[str, np.ndarray], paths: List[str]) -> None:
-        self.folder = folder
-        self.meta = meta
-        self.pooled: np.ndarray = arrays["pooled"]
-        self.patches: Optional[np.ndarray] = arrays.get("patches")
-        self.valid: np.ndarray = arrays["valid"]
+    def __init__(self, store: EmbeddingStore, paths: List[str]) -> None:
+        self.store = store
+        self.folder = store.folder
+        self.meta = store.meta
+        self.pooled: np.ndarray = store.array("pooled")
+        self.patches: Optional[np.ndarray] = store.array("patches") if "patches" in store.meta["arrays"] else None
+        self.valid: np.ndarray = store.array("valid")
         self.paths = paths
 
     # ------------------------------------------------------------------- reading
@@ -181,14 +192,12 @@ class FeatureCache:
             raise FeatureCacheError(
                 f"{folder} was built with backbone {key['backbone']!r}, not {backbone_key!r}; refusing to reuse it"
             )
-        if not meta.get("complete"):
+        if meta["count"] < key["count"]:
             raise FeatureCacheError(
-                f"{folder} is incomplete ({meta.get('completed', 0)}/{key['count']} images encoded); "
+                f"{folder} is incomplete ({meta['count']}/{key['count']} images encoded); "
                 "run FeatureCache.build again with the same arguments to resume"
             )
-        arrays = _open_arrays(folder, meta, mode="r")
-        paths = _read_paths(folder, key["count"])
-        return cls(folder, meta, arrays, paths)
+        return cls(_FeatureStore.open(folder, meta), _read_paths(folder, key["count"]))
 
     def __len__(self) -> int:
         return int(self.pooled.shape[0])
@@ -214,7 +223,7 @@ class FeatureCache:
     @property
     def failures(self) -> List[Dict[str, Any]]:
         """Images that could not be loaded: dicts with index, path, reason."""
-        return list(self.meta.get("failures", []))
+        return [{"index": s["id"], "path": s.get("path"), "reason": s["reason"]} for s in self.store.skipped]
 
     def valid_indices(self) -> np.ndarray:
         """Indices of the images that were encoded (int64)."""
@@ -261,18 +270,23 @@ class FeatureCache:
             meta = _read_meta(folder)
             if meta["key"] != key:
                 raise FeatureCacheError(f"{folder}: stored key differs from the requested one; remove the folder to rebuild")
-            if meta.get("complete"):
+            if meta["count"] >= n:
                 logger.info("reusing feature cache %s", folder)
                 return cls.open(folder, backbone_key=key["backbone"])
-            arrays = _open_arrays(folder, meta, mode="r+")
-            logger.info("resuming feature cache %s at %d/%d images", folder, meta["completed"], n)
+            if "completed" in json.loads(meta_path.read_text()):
+                atomic_write_json(meta_path, meta)  # an interrupted cache of an older zscir: record it as a store
+            store = _FeatureStore.open(folder, meta)
+            logger.info("resuming feature cache %s at %d/%d images", folder, len(store), n)
         else:
             embed_dim = int(backbone.embed_dim)
             patch_count = grid[0] * grid[1] if grid is not None else 0
             _check_disk_space(Path(cache_dir), n * disk_bytes_per_image(embed_dim, patch_count))
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(folder / PATHS_NAME, source.names())
-            meta = {
+            (folder / FAILURES_LOG).write_text("")
+            arrays = {name: ArraySpec(ARRAY_FILES[name], dtype, shape[1:], capacity=n)
+                      for name, (shape, dtype) in _array_shapes(n, embed_dim, patch_count, with_patches).items()}
+            store = _FeatureStore.create(folder, arrays, positional_ids=True, meta={
                 "key": key,
                 "digest": digest,
                 "embed_dim": embed_dim,
@@ -280,20 +294,14 @@ class FeatureCache:
                 "source_grid": list(backbone.patch_grid) if with_patches else None,
                 "dtype": "float16",
                 "chunk_size": int(chunk_size),
-                "completed": 0,
-                "complete": False,
-                "failures": [],
-            }
-            arrays = _create_arrays(folder, n, embed_dim, patch_count, with_patches)
-            (folder / FAILURES_LOG).write_text("")
-            atomic_write_json(meta_path, meta)  # written last: marks the folder as a cache
+            })
 
         device, dtype = _model_device_dtype(backbone)
         was_training = bool(getattr(backbone, "training", False))
         if hasattr(backbone, "eval"):
             backbone.eval()
-        start = int(meta["completed"])
-        step = int(meta["chunk_size"])
+        start = len(store)
+        step = int(store.meta["chunk_size"])
         bar = tqdm(total=n, initial=start, desc="encoding images", unit="img", disable=not progress)
         try:
             while start < n:
@@ -304,58 +312,81 @@ class FeatureCache:
                     failures.append(ImageFailure(failure.index + offset, failure.path, failure.reason))
                     bar.update(1)
 
-                arrays["valid"][start:stop] = False
-                for idx, pixels in iter_image_batches(
-                    SliceSource(source, start, stop),
-                    backbone.preprocess,
-                    batch_size,
-                    num_workers=num_workers,
-                    progress=False,
-                    on_failure=record,
-                    abort_after=64 if start == 0 else stop - start + 1,
-                ):
-                    rows = idx.numpy() + start
-                    pooled, patches = _encode(backbone, pixels, device, dtype, grid, with_patches)
-                    _check_finite(pooled, patches, rows, source)
-                    arrays["pooled"][rows] = pooled
-                    if with_patches:
-                        arrays["patches"][rows] = patches
-                    arrays["valid"][rows] = True
-                    bar.update(len(rows))
-                bad_rows = np.array([f.index for f in failures], dtype=np.int64)
-                if len(bad_rows):  # a resumed chunk may hold stale values in these rows
-                    arrays["pooled"][bad_rows] = 0
-                    if with_patches:
-                        arrays["patches"][bad_rows] = 0
-                for arr in arrays.values():
-                    arr.flush()
-                if failures:
-                    with open(folder / FAILURES_LOG, "a", encoding="utf-8") as fh:
-                        fh.writelines(f"{f.index}\t{f.path}\t{f.reason}\n" for f in failures)
-                meta["failures"] = [f for f in meta["failures"] if not start <= f["index"] < stop] + [
-                    {"index": f.index, "path": f.path, "reason": f.reason} for f in failures
-                ]
-                if stop >= n and not arrays["valid"][:].any():
-                    # leave the last chunk uncommitted: a fixed corpus can resume instead of reusing nothing
-                    raise FeatureCacheError(
-                        f"none of the {n} images could be loaded (see {folder / FAILURES_LOG}); "
-                        f"e.g. {failures[-1].path if failures else '?'}: {failures[-1].reason if failures else ''}"
-                    )
-                meta["completed"] = stop
-                meta["complete"] = stop >= n
-                atomic_write_json(meta_path, meta)  # the commit point of this chunk
+                # one transaction per chunk: an interruption resumes at the chunk's start
+                with store.append() as txn:
+                    chunk = _ChunkWriter(txn, start, int(store.meta["embed_dim"]), int(store.meta["patch_count"]),
+                                         with_patches)
+                    for idx, pixels in iter_image_batches(
+                        SliceSource(source, start, stop),
+                        backbone.preprocess,
+                        batch_size,
+                        num_workers=num_workers,
+                        progress=False,
+                        on_failure=record,
+                        abort_after=64 if start == 0 else stop - start + 1,
+                    ):
+                        rows = idx.numpy() + start
+                        pooled, patches = _encode(backbone, pixels, device, dtype, grid, with_patches)
+                        _check_finite(pooled, patches, rows, source)
+                        chunk.write(rows, pooled, patches)
+                        bar.update(len(rows))
+                    chunk.fill_to(stop)  # failed images at the end of the chunk
+                    if failures:
+                        with open(folder / FAILURES_LOG, "a", encoding="utf-8") as fh:
+                            fh.writelines(f"{f.index}\t{f.path}\t{f.reason}\n" for f in failures)
+                    for f in failures:
+                        txn.skip(f.index, f.reason, path=f.path)
+                    if stop >= n and not chunk.any_valid and not np.asarray(store.array("valid")).any():
+                        # leave the last chunk uncommitted: a fixed corpus can resume instead of reusing nothing
+                        raise FeatureCacheError(
+                            f"none of the {n} images could be loaded (see {folder / FAILURES_LOG}); "
+                            f"e.g. {failures[-1].path if failures else '?'}: {failures[-1].reason if failures else ''}"
+                        )
                 start = stop
         finally:
             bar.close()
             if was_training and hasattr(backbone, "train"):
                 backbone.train()
-        del arrays
-        if meta["failures"]:
+        if store.skipped:
             logger.warning(
                 "%d of %d images could not be loaded and are marked invalid (see %s)",
-                len(meta["failures"]), n, folder / FAILURES_LOG,
+                len(store.skipped), n, folder / FAILURES_LOG,
             )
         return cls.open(folder, backbone_key=key["backbone"])
+
+
+class _ChunkWriter:
+    """Appends a chunk's rows in corpus order: zero rows, marked invalid, stand in for images that failed."""
+
+    def __init__(self, txn: StoreAppend, start: int, embed_dim: int, patch_count: int, with_patches: bool) -> None:
+        self.txn, self.next_row, self.any_valid = txn, start, False
+        self.dim, self.patch_count, self.with_patches = embed_dim, patch_count, with_patches
+
+    def _zeros(self, n: int) -> Dict[str, np.ndarray]:
+        block = {"pooled": np.zeros((n, self.dim), dtype=np.float16), "valid": np.zeros(n, dtype=bool)}
+        if self.with_patches:
+            block["patches"] = np.zeros((n, self.patch_count, self.dim), dtype=np.float16)
+        return block
+
+    def write(self, rows: np.ndarray, pooled: np.ndarray, patches: Optional[np.ndarray]) -> None:
+        """Append rows up to the last of `rows` (ascending corpus positions) with these features."""
+        if rows[0] < self.next_row:
+            raise FeatureCacheError(f"images arrived out of order (#{int(rows[0])} after #{self.next_row - 1})")
+        block = self._zeros(int(rows[-1]) + 1 - self.next_row)
+        at = rows - self.next_row
+        block["pooled"][at] = pooled
+        block["valid"][at] = True
+        if self.with_patches:
+            block["patches"][at] = patches
+        self.txn.write(block)
+        self.any_valid = True
+        self.next_row = int(rows[-1]) + 1
+
+    def fill_to(self, stop: int) -> None:
+        """Append zero rows, marked invalid, up to row `stop`."""
+        if stop > self.next_row:
+            self.txn.write(self._zeros(stop - self.next_row))
+            self.next_row = stop
 
 
 # ------------------------------------------------------------------------ helpers
@@ -407,22 +438,41 @@ def _check_disk_space(cache_dir: Path, needed: int) -> None:
 
 
 def _read_meta(folder: Path) -> Dict[str, Any]:
-    path = folder / META_NAME
+    """The cache's store record; a cache written before the store (progress in "completed") is translated."""
     if not folder.is_dir():
         raise FeatureCacheError(f"feature cache folder not found: {folder}")
-    if not path.is_file():
+    if not (folder / META_NAME).is_file():
         raise FeatureCacheError(f"{folder} is not a feature cache (no {META_NAME})")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise FeatureCacheError(f"{path}: invalid JSON ({err})") from None
-    for field in ("key", "digest", "embed_dim", "patch_count", "completed", "complete", "chunk_size"):
+    meta = _FeatureStore.read_meta(folder)
+    legacy = "completed" in meta
+    for field in ("key", "digest", "embed_dim", "patch_count", "chunk_size") + (("completed",) if legacy else ("count",)):
         if field not in meta:
-            raise FeatureCacheError(f"{path}: missing field {field!r}")
+            raise FeatureCacheError(f"{folder / META_NAME}: missing field {field!r}")
     version = meta["key"].get("format_version")
     if version != FORMAT_VERSION:
-        raise FeatureCacheError(f"{path}: format version {version}, this zscir reads version {FORMAT_VERSION}; rebuild")
-    return meta
+        raise FeatureCacheError(f"{folder / META_NAME}: format version {version}, this zscir reads version {FORMAT_VERSION}; rebuild")
+    return _from_legacy(folder, meta) if legacy else meta
+
+
+def _from_legacy(folder: Path, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The store record of a cache folder written before FeatureCache kept its features in an EmbeddingStore."""
+    n, d, p = int(meta["key"]["count"]), int(meta["embed_dim"]), int(meta["patch_count"])
+    arrays = {}
+    for name, (shape, dtype) in _array_shapes(n, d, p, meta["key"]["with_patches"]).items():
+        path = folder / ARRAY_FILES[name]
+        if not path.is_file():
+            raise FeatureCacheError(f"{folder}: {ARRAY_FILES[name]} is missing")
+        try:
+            arr = np.lib.format.open_memmap(path, mode="r")
+        except (ValueError, OSError) as err:
+            raise FeatureCacheError(f"{path}: unreadable array file ({err})") from None
+        if tuple(arr.shape) != shape or arr.dtype != np.dtype(dtype):
+            raise FeatureCacheError(f"{path}: has {arr.dtype}{list(arr.shape)}, expected {dtype}{list(shape)}")
+        arrays[name] = ArraySpec(ARRAY_FILES[name], dtype, shape[1:], int(arr.offset), capacity=n).to_json()
+    record = {k: v for k, v in meta.items() if k not in ("completed", "complete", "failures")}
+    record.update(format_version=STORE_FORMAT_VERSION, count=int(meta["completed"]), ids="positional", arrays=arrays,
+                  skipped=[{"id": f["index"], "reason": f["reason"], "path": f["path"]} for f in meta.get("failures", [])])
+    return record
 
 
 def _read_paths(folder: Path, count: int) -> List[str]:
@@ -438,36 +488,12 @@ def _read_paths(folder: Path, count: int) -> List[str]:
     return paths
 
 
-def _expected_shapes(meta: Dict[str, Any]) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    n, d, p = int(meta["key"]["count"]), int(meta["embed_dim"]), int(meta["patch_count"])
-    shapes = {"pooled": ((n, d), "float16"), "valid": ((n,), "bool")}
-    if meta["key"]["with_patches"]:
-        shapes["patches"] = ((n, p, d), "float16")
+def _array_shapes(n: int, dim: int, patch_count: int, with_patches: bool) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """Shape and dtype of each array of a cache of `n` images."""
+    shapes = {"pooled": ((n, dim), "float16"), "valid": ((n,), "bool")}
+    if with_patches:
+        shapes["patches"] = ((n, patch_count, dim), "float16")
     return shapes
-
-
-def _create_arrays(folder: Path, n: int, dim: int, patch_count: int, with_patches: bool) -> Dict[str, np.ndarray]:
-    meta_like = {"key": {"count": n, "with_patches": with_patches}, "embed_dim": dim, "patch_count": patch_count}
-    arrays = {}
-    for name, (shape, dtype) in _expected_shapes(meta_like).items():
-        arrays[name] = np.lib.format.open_memmap(folder / ARRAY_FILES[name], mode="w+", dtype=dtype, shape=shape)
-    return arrays
-
-
-def _open_arrays(folder: Path, meta: Dict[str, Any], mode: str) -> Dict[str, np.ndarray]:
-    arrays = {}
-    for name, (shape, dtype) in _expected_shapes(meta).items():
-        path = folder / ARRAY_FILES[name]
-        if not path.is_file():
-            raise FeatureCacheError(f"{folder}: {ARRAY_FILES[name]} is missing")
-        try:
-            arr = np.lib.format.open_memmap(path, mode=mode)
-        except (ValueError, OSError) as err:
-            raise FeatureCacheError(f"{path}: unreadable array file ({err})") from None
-        if tuple(arr.shape) != shape or arr.dtype != np.dtype(dtype):
-            raise FeatureCacheError(f"{path}: has {arr.dtype}{list(arr.shape)}, expected {dtype}{list(shape)}")
-        arrays[name] = arr
-    return arrays
 
 
 class CachedFeatureDataset(torch.utils.data.Dataset):
@@ -486,7 +512,8 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
 
     def _maps(self) -> Dict[str, np.ndarray]:
         if self._arrays is None:
-            self._arrays = _open_arrays(self.folder, _read_meta(self.folder), mode="r")
+            store = _FeatureStore.open(self.folder, _read_meta(self.folder))
+            self._arrays = {name: store.array(name) for name in store.meta["arrays"] if name != "valid"}
         return self._arrays
 
     def __len__(self) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..index import exact_topk
+from ..search.exact import exact_topk
 from .metrics import recall_at_ks
 
 QueryEncoder = Callable[[torch.Tensor, Optional[torch.Tensor], List[str]], torch.Tensor]

@@ -561,7 +561,7 @@ class MeltDenoise(Stage2Component):
     Term added = lambda_kd * loss_kd + lambda_diff * loss_diff (the main InfoNCE is
     the contrastive part). Where ours differs: MELT denoises at retrieval time
     too; here it is a training-time target only (the re-ranker of
-    :mod:`zscir.rerank` is our inference-time denoiser); negatives are in-batch
+    :mod:`zscir.search.rerank` is our inference-time denoiser); negatives are in-batch
     targets, not the gallery.
     """
 

@@ -366,7 +366,7 @@ class MinedNegatives(Stage2Component):
 
     def refresh(self) -> None:
         """Re-rank the corpus for every triplet with the current model."""
-        from ..index import exact_topk
+        from ..search.exact import exact_topk
 
         cfg = self.task.cfg
         queries = self.task.encode_all_queries()

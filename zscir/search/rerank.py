@@ -24,7 +24,8 @@ from typing import Any, Tuple
 import torch
 import torch.nn.functional as F
 
-from .config import Config
+from ..config import Config
+from .exact import exact_topk
 
 
 @dataclasses.dataclass
@@ -98,8 +99,6 @@ def rerank(scores: torch.Tensor, candidate_features: torch.Tensor, config: Reran
 def rerank_search(queries: torch.Tensor, gallery: torch.Tensor, k: int, config: RerankConfig = RerankConfig(),
                   **overrides: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` search of queries [Q, D] in a gallery [N, D], then :func:`rerank`; returns (scores, gallery indices)."""
-    from .index import exact_topk
-
     scores, idx = exact_topk(queries, gallery, k)
     feats = torch.as_tensor(gallery)[idx.clamp_min(0).cpu()].to(scores.device)
     order, new_scores = rerank(scores, feats, config, **overrides)

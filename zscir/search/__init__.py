@@ -1,0 +1,43 @@
+"""Gallery search: exact chunked top-k, one on-disk embedding store, the gallery index with FAISS backends, re-ranking.
+
+``exact`` (chunked exact top-k) <- ``store`` (the embedding store: the index, the
+evaluation gallery cache and the Stage-I feature cache use it) <- ``backends``
+(FAISS structures, exact re-rank) <- ``index`` (:class:`EmbeddingIndex`);
+``rerank`` diffuses top-K scores over the candidates' kNN graph. Nothing here
+imports a model: functions that need one take it as an argument. The
+function ``rerank`` stays in :mod:`zscir.search.rerank` (exported here, its
+name would hide the module).
+"""
+from .backends import (BACKENDS, EmbeddingIndexError, FlatBackend, HNSWBackend, IVFBackend, IVFPQBackend, PQBackend,
+                       SearchBackend, exact_rerank)
+from .exact import exact_topk
+from .index import IMAGE_ROOT_FILE, INDEX_EMBEDDINGS, INDEX_IDS, INDEX_META, METRICS, EmbeddingIndex, model_key_of
+from .rerank import RerankConfig, knn_affinity, rerank_search
+from .store import ArraySpec, EmbeddingStore, StoreAppend, StoreError
+
+__all__ = [
+    "ArraySpec",
+    "BACKENDS",
+    "EmbeddingIndex",
+    "EmbeddingIndexError",
+    "EmbeddingStore",
+    "FlatBackend",
+    "HNSWBackend",
+    "IMAGE_ROOT_FILE",
+    "INDEX_EMBEDDINGS",
+    "INDEX_IDS",
+    "INDEX_META",
+    "IVFBackend",
+    "IVFPQBackend",
+    "METRICS",
+    "PQBackend",
+    "RerankConfig",
+    "SearchBackend",
+    "StoreAppend",
+    "StoreError",
+    "exact_rerank",
+    "exact_topk",
+    "knn_affinity",
+    "model_key_of",
+    "rerank_search",
+]
