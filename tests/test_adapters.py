@@ -128,3 +128,42 @@ def test_add_adapters_checks_the_layer_count_and_the_config():
         c.add_adapters(AdapterConfig(num_layers=99))
     with pytest.raises(ValueError, match="dropout"):
         AdapterConfig(dropout=1.5)
+
+
+CAPTIONS = ["a red circle and a blue star", "a photo of a green square"]
+
+
+def _train_like(c):
+    """Move every trainable text parameter as training would (full blocks included)."""
+    with torch.no_grad():
+        for p in c.backbone.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+@pytest.mark.parametrize("kind", ["lora", "bottleneck", "full"])
+def test_frozen_text_is_unchanged_by_stage2(kind, tmp_path):
+    torch.manual_seed(0)
+    c = Composer.from_clip("zscir-tiny", phi=PhiConfig(num_tokens=2))
+    before = c.encode_texts(CAPTIONS)
+    c.add_adapters(AdapterConfig(kind=kind, num_layers=2, rank=4))
+    _train_like(c)
+    assert torch.allclose(c.encode_texts(CAPTIONS), before, atol=1e-6)  # frozen CLIP text by default
+    adapted = c.encode_texts(CAPTIONS, adapted=True)
+    assert (adapted - before).abs().max() > 1e-3  # the adapters really change the text encoder
+    assert torch.equal(c.encode_texts(CAPTIONS, adapted=True), adapted)  # and are back on after frozen_text()
+    c.save_pretrained(tmp_path / "m")
+    loaded = Composer.from_pretrained(tmp_path / "m")
+    if kind == "full":  # the folder embeds only the fine-tuned blocks of the tiny CLIP
+        with pytest.raises(ValueError, match="kind 'full'"):
+            loaded.encode_texts(CAPTIONS)
+    else:
+        assert torch.allclose(loaded.encode_texts(CAPTIONS), before, atol=1e-6)
+    assert torch.allclose(loaded.encode_texts(CAPTIONS, adapted=True), adapted, atol=1e-6)
+
+
+def test_frozen_text_after_merge_is_refused():
+    c = _adapted("lora")
+    c.merge_adapters()
+    with pytest.raises(ValueError, match="merged"):
+        c.encode_texts(CAPTIONS)

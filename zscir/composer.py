@@ -17,18 +17,23 @@ here), the backbone weights too. Public backbones (``ViT-L-14``/``openai``)
 are referenced by name and loaded through open_clip.
 
 Adapters are attached in one place, :meth:`Composer.add_adapters` (the
-constructor, ``from_pretrained`` and Stage II all go through it).
+constructor, ``from_pretrained`` and Stage II all go through it). Only composed
+queries go through them: plain text (:meth:`Composer.encode_texts`, baselines,
+training targets) is encoded by frozen CLIP inside :meth:`Composer.frozen_text`
+unless a caller asks for the adapted encoder.
 :meth:`Composer.merge_adapters` folds LoRA adapters into the text encoder for
 deployment; a merged Composer encodes exactly as before but cannot be saved
 (save first, merge after loading).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -83,6 +88,8 @@ class Composer(nn.Module):
         if config.image_residual:
             self.enable_image_residual()
         self.adapter_keys: List[str] = []
+        # kind "full" changes the text blocks themselves: their frozen originals, swapped in by frozen_text()
+        self._frozen_blocks: Optional[Dict[int, nn.Module]] = None
         self.merged = False  # LoRA folded into the text encoder (merge_adapters): encodes, cannot be saved
         adapters, config.adapters = config.adapters, None  # add_adapters records them again
         try:
@@ -133,6 +140,8 @@ class Composer(nn.Module):
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(tensors[k].to(v.dtype))
+        if config.embed_backbone and composer._frozen_blocks is not None:
+            composer._frozen_blocks = None  # the folder holds only the fine-tuned blocks, not the originals
         composer.backbone.invalidate_cache_key()
         return composer
 
@@ -162,6 +171,10 @@ class Composer(nn.Module):
             raise ValueError(f"this composer already has adapters ({a.kind} x{a.num_layers} rank {a.rank}); "
                              "adapters can be added once")
         prefix, text_transformer = self._text_transformer()
+        if config.kind == "full":
+            blocks = text_transformer.resblocks
+            self._frozen_blocks = {i: copy.deepcopy(blocks[i]).requires_grad_(False)
+                                   for i in range(len(blocks) - config.num_layers, len(blocks))}
         names = _adapters.add_adapters(text_transformer, config)
         text_transformer.to(self.device)  # new adapter weights are created on the CPU
         self.adapter_keys = [f"{prefix}.{n}" for n in names]
@@ -177,6 +190,34 @@ class Composer(nn.Module):
             self.adapter_keys = []  # the LoRA parameters are gone
             self.backbone.invalidate_cache_key()
         return folded
+
+    @contextlib.contextmanager
+    def frozen_text(self) -> Iterator[None]:
+        """Within the block, the text encoder is frozen CLIP: composing adapters are off."""
+        if self.config.adapters is None:
+            yield
+            return
+        if self.merged:
+            raise ValueError("this Composer's LoRA adapters were merged into the text encoder and cannot be switched "
+                             "off; encode frozen text with a model loaded before merge_adapters()")
+        _, text_transformer = self._text_transformer()
+        if self.config.adapters.kind != "full":
+            with _adapters.adapters_disabled(text_transformer):
+                yield
+            return
+        if self._frozen_blocks is None:
+            raise ValueError("this model fine-tuned its text blocks (adapters kind 'full') and its folder holds only "
+                             "the fine-tuned blocks, so frozen CLIP text is not available; use kind 'lora' or "
+                             "'bottleneck', or encode with adapted=True")
+        blocks = text_transformer.resblocks
+        tuned = {i: blocks[i] for i in self._frozen_blocks}
+        try:
+            for i, block in self._frozen_blocks.items():
+                blocks[i] = block.to(self.device)
+            yield
+        finally:
+            for i, block in tuned.items():
+                blocks[i] = block
 
     def _text_transformer(self) -> Tuple[str, nn.Module]:
         """Where the text transformer sits in the open_clip model (its state-dict prefix) and the module."""
@@ -269,9 +310,12 @@ class Composer(nn.Module):
         return torch.cat(out) if out else torch.empty(0, self.backbone.embed_dim)
 
     @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Plain CLIP text embeddings (L2-normalised)."""
-        return self.backbone.encode_text(list(texts), normalize=True)
+    def encode_texts(self, texts: Sequence[str], adapted: bool = False) -> torch.Tensor:
+        """Plain text embeddings (L2-normalised) of frozen CLIP, or of the adapted encoder with `adapted=True`."""
+        if adapted:
+            return self.backbone.encode_text(list(texts), normalize=True)
+        with self.frozen_text():
+            return self.backbone.encode_text(list(texts), normalize=True)
 
     @torch.no_grad()
     def search(self, image: ImageInput, text: str, gallery, k: int = 10) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -15,13 +15,15 @@ Two kinds, chosen in :class:`AdapterConfig` and registered in ``ADAPTER_KINDS``:
 
 ``full`` fine-tunes the whole of the last N blocks instead (an ablation row,
 not an adapter). Adapters go into the last ``num_layers`` blocks; everything
-else stays frozen.
+else stays frozen. :func:`adapters_disabled` switches LoRA and bottleneck
+updates off for a while, so plain text can be encoded by frozen CLIP.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -81,6 +83,7 @@ class BottleneckBlock(nn.Module):
         width = block.ln_1.normalized_shape[0]
         self.adapter_attn = Bottleneck(width, cfg.rank, cfg.dropout) if "attn" in cfg.targets else None
         self.adapter_mlp = Bottleneck(width, cfg.rank, cfg.dropout) if "mlp" in cfg.targets else None
+        self.enabled = True  # False: the wrapped block alone (frozen CLIP text)
 
     def get_weight_dtype(self) -> torch.dtype:
         """Weight dtype of the wrapped block (open_clip asks the first block for the cast dtype)."""
@@ -89,6 +92,8 @@ class BottleneckBlock(nn.Module):
     def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask=None) -> torch.Tensor:
         """Same signature and result as the wrapped block, plus the adapters' residuals."""
         b = self.block
+        if not self.enabled:
+            return b(q_x, attn_mask=attn_mask)
         x = q_x + b.ls_1(b.attention(q_x=b.ln_1(q_x), attn_mask=attn_mask))
         if self.adapter_attn is not None:
             x = x + self.adapter_attn(x)
@@ -108,9 +113,12 @@ class LoRADelta(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scale = alpha / rank
         self.dropout = dropout
+        self.enabled = True  # False: the base weight alone (frozen CLIP text)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The adapted weight."""
+        if not self.enabled:
+            return weight
         b = self.lora_b
         if self.training and self.dropout > 0:  # at 0 nothing is drawn: the default keeps the plain LoRA numerics
             keep = torch.ones(b.shape[1], device=b.device, dtype=b.dtype)
@@ -195,6 +203,20 @@ def merge_adapters(text_transformer: nn.Module) -> int:
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
             folded += 1
     return folded
+
+
+@contextlib.contextmanager
+def adapters_disabled(text_transformer: nn.Module) -> Iterator[int]:
+    """Within the block, LoRA and bottleneck updates are off (frozen CLIP text); yields how many were switched."""
+    switches = [m for m in text_transformer.modules() if isinstance(m, (LoRADelta, BottleneckBlock))]
+    before = [m.enabled for m in switches]
+    for m in switches:
+        m.enabled = False
+    try:
+        yield len(switches)
+    finally:
+        for m, state in zip(switches, before):
+            m.enabled = state
 
 
 def adapter_state(text_transformer: nn.Module) -> Dict[str, torch.Tensor]:
