@@ -27,13 +27,12 @@ deployment; a merged Composer encodes exactly as before but cannot be saved
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,8 +87,6 @@ class Composer(nn.Module):
         if config.image_residual:
             self.enable_image_residual()
         self.adapter_keys: List[str] = []
-        # kind "full" changes the text blocks themselves: their frozen originals, swapped in by frozen_text()
-        self._frozen_blocks: Optional[Dict[int, nn.Module]] = None
         self.merged = False  # LoRA folded into the text encoder (merge_adapters): encodes, cannot be saved
         adapters, config.adapters = config.adapters, None  # add_adapters records them again
         try:
@@ -140,8 +137,8 @@ class Composer(nn.Module):
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(tensors[k].to(v.dtype))
-        if config.embed_backbone and composer._frozen_blocks is not None:
-            composer._frozen_blocks = None  # the folder holds only the fine-tuned blocks, not the originals
+        if config.embed_backbone:
+            composer.backbone.frozen_text_blocks = None  # the folder holds the fine-tuned blocks, not the originals
         composer.backbone.invalidate_cache_key()
         return composer
 
@@ -171,11 +168,12 @@ class Composer(nn.Module):
             raise ValueError(f"this composer already has adapters ({a.kind} x{a.num_layers} rank {a.rank}); "
                              "adapters can be added once")
         prefix, text_transformer = self._text_transformer()
-        if config.kind == "full":
+        if config.kind == "full":  # it changes the text blocks themselves: keep the originals for frozen text
             blocks = text_transformer.resblocks
-            self._frozen_blocks = {i: copy.deepcopy(blocks[i]).requires_grad_(False)
-                                   for i in range(len(blocks) - config.num_layers, len(blocks))}
+            self.backbone.frozen_text_blocks = {i: copy.deepcopy(blocks[i]).requires_grad_(False)
+                                                for i in range(len(blocks) - config.num_layers, len(blocks))}
         names = _adapters.add_adapters(text_transformer, config)
+        self.backbone.text_adapter_kind = config.kind
         text_transformer.to(self.device)  # new adapter weights are created on the CPU
         self.adapter_keys = [f"{prefix}.{n}" for n in names]
         self.config.adapters = config
@@ -187,37 +185,14 @@ class Composer(nn.Module):
         folded = _adapters.merge_adapters(self._text_transformer()[1])
         if folded:
             self.merged = True
+            self.backbone.text_adapters_merged = True
             self.adapter_keys = []  # the LoRA parameters are gone
             self.backbone.invalidate_cache_key()
         return folded
 
-    @contextlib.contextmanager
-    def frozen_text(self) -> Iterator[None]:
+    def frozen_text(self) -> ContextManager[None]:
         """Within the block, the text encoder is frozen CLIP: composing adapters are off."""
-        if self.config.adapters is None:
-            yield
-            return
-        if self.merged:
-            raise ValueError("this Composer's LoRA adapters were merged into the text encoder and cannot be switched "
-                             "off; encode frozen text with a model loaded before merge_adapters()")
-        _, text_transformer = self._text_transformer()
-        if self.config.adapters.kind != "full":
-            with _adapters.adapters_disabled(text_transformer):
-                yield
-            return
-        if self._frozen_blocks is None:
-            raise ValueError("this model fine-tuned its text blocks (adapters kind 'full') and its folder holds only "
-                             "the fine-tuned blocks, so frozen CLIP text is not available; use kind 'lora' or "
-                             "'bottleneck', or encode with adapted=True")
-        blocks = text_transformer.resblocks
-        tuned = {i: blocks[i] for i in self._frozen_blocks}
-        try:
-            for i, block in self._frozen_blocks.items():
-                blocks[i] = block.to(self.device)
-            yield
-        finally:
-            for i, block in tuned.items():
-                blocks[i] = block
+        return self.backbone.frozen_text()
 
     def _text_transformer(self) -> Tuple[str, nn.Module]:
         """Where the text transformer sits in the open_clip model (its state-dict prefix) and the module."""
@@ -312,10 +287,7 @@ class Composer(nn.Module):
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], adapted: bool = False) -> torch.Tensor:
         """Plain text embeddings (L2-normalised) of frozen CLIP, or of the adapted encoder with `adapted=True`."""
-        if adapted:
-            return self.backbone.encode_text(list(texts), normalize=True)
-        with self.frozen_text():
-            return self.backbone.encode_text(list(texts), normalize=True)
+        return self.backbone.encode_text(list(texts), normalize=True, adapted=adapted)
 
     @torch.no_grad()
     def search(self, image: ImageInput, text: str, gallery, k: int = 10) -> Tuple[torch.Tensor, torch.Tensor]:

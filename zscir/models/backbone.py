@@ -15,6 +15,7 @@ placeholder word (``$``) by given pseudo-token vectors before that function runs
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -23,7 +24,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_state_strict, load_tensors, save_folder
 from ..config import Config
+from .adapters import adapters_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,10 @@ class Backbone(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._placeholder_ids: Dict[str, int] = {}
         self._fingerprint: Optional[str] = None
+        # composing adapters in the text transformer (Composer.add_adapters records them): plain text skips them
+        self.text_adapter_kind: Optional[str] = None
+        self.text_adapters_merged = False
+        self.frozen_text_blocks: Optional[Dict[int, nn.Module]] = None  # kind "full": the original blocks
 
     # ----------------------------------------------------------------- identity
     @property
@@ -243,10 +249,43 @@ class Backbone(nn.Module):
             x = t.text_projection(x) if isinstance(t.text_projection, nn.Linear) else x @ t.text_projection
         return x
 
-    def encode_text(self, texts: Union[Sequence[str], torch.Tensor], normalize: bool = False) -> torch.Tensor:
-        """Text features [B, D] of strings or token ids."""
+    @contextlib.contextmanager
+    def frozen_text(self) -> Iterator[None]:
+        """Within the block, the text transformer is frozen CLIP: composing adapters are off."""
+        kind = self.text_adapter_kind
+        if kind is None:
+            yield
+            return
+        if self.text_adapters_merged:
+            raise ValueError("the LoRA adapters were merged into the text encoder and cannot be switched off; "
+                             "encode frozen text with a model loaded before merge_adapters()")
+        if kind != "full":
+            with adapters_disabled(self._text.transformer):
+                yield
+            return
+        if self.frozen_text_blocks is None:
+            raise ValueError("this model fine-tuned its text blocks (adapters kind 'full') and its folder holds only "
+                             "the fine-tuned blocks, so frozen CLIP text is not available; use kind 'lora' or "
+                             "'bottleneck', or encode with adapted=True")
+        blocks = self._text.transformer.resblocks
+        tuned = {i: blocks[i] for i in self.frozen_text_blocks}
+        try:
+            for i, block in self.frozen_text_blocks.items():
+                blocks[i] = block.to(self.device)
+            yield
+        finally:
+            for i, block in tuned.items():
+                blocks[i] = block
+
+    def encode_text(self, texts: Union[Sequence[str], torch.Tensor], normalize: bool = False,
+                    adapted: bool = False) -> torch.Tensor:
+        """Text features [B, D] of strings or token ids: frozen CLIP, or through the adapters with `adapted=True`."""
         ids = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
-        feats = self.encode_token_embeddings(self.token_embeddings(ids), ids)
+        if adapted:
+            feats = self.encode_token_embeddings(self.token_embeddings(ids), ids)
+        else:
+            with self.frozen_text():
+                feats = self.encode_token_embeddings(self.token_embeddings(ids), ids)
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def placeholder_id(self, placeholder: str = PLACEHOLDER) -> int:
