@@ -11,24 +11,19 @@ from zscir.composer import Composer
 from zscir.config import ConfigError
 from zscir.models.adapters import AdapterConfig
 from zscir.models.phi import PhiConfig
+from zscir.train.components import ComponentContext
 from zscir.train.engine import TrainConfig
-from zscir.train.stage2 import Corpus, Stage2Config, Stage2Task, TripletFeatures, train_stage2
+from zscir.train.features import Corpus, TripletFeatures
+from zscir.train.stage2 import Stage2Config, Stage2Task, train_stage2
 
 D = 64  # zscir-micro embedding width
 
 
-class FakeTask:
-    """The few task attributes the components read (a plain class: caches key on tasks by weak reference)."""
-
-    def __init__(self, dim=D, batch_size=32, components=(), n=4):
-        self.cfg = Stage2Config(components=tuple(components), train=TrainConfig(batch_size=batch_size))
-        self.triplets = SimpleNamespace(target=F.normalize(torch.randn(n, dim), dim=-1), kinds=[""] * n,
-                                        modifications=[""] * n)
-        self.corpus = None
-        self.components = []
-
-
-fake_task = FakeTask
+def fake_context(dim=D, batch_size=32, components=(), n=4):
+    """A component context without a composer: the config and triplet fields the components read."""
+    cfg = Stage2Config(components=tuple(components), train=TrainConfig(batch_size=batch_size))
+    triplets = SimpleNamespace(target=F.normalize(torch.randn(n, dim), dim=-1), kinds=[""] * n, modifications=[""] * n)
+    return ComponentContext(cfg, triplets)
 
 
 def random_triplets(n=96, kinds=None, texts=None, seed=0):
@@ -82,7 +77,7 @@ def test_rarity_weights_are_monotone_and_mean_one():
 
 def test_melt_rarity_up_weights_rare_modifications():
     torch.manual_seed(0)
-    comp = C.MeltRarity(fake_task(), {"warmup_steps": 0, "momentum": 0.2})
+    comp = C.MeltRarity(fake_context(), {"warmup_steps": 0, "momentum": 0.2})
     common_dir, rare_dir = F.normalize(torch.randn(2, D), dim=-1)
 
     def batch(n_common, n_rare):
@@ -97,14 +92,14 @@ def test_melt_rarity_up_weights_rare_modifications():
     assert w.shape == (64,) and abs(float(w.mean()) - 1) < 1e-5
     assert float(w[58:].mean()) > 1.3 * float(w[:58].mean()), (w[58:].mean(), w[:58].mean())
     # state round trip: a fresh component restores the statistics and weighs identically
-    other = C.MeltRarity(fake_task(), {"warmup_steps": 0, "momentum": 0.2})
+    other = C.MeltRarity(fake_context(), {"warmup_steps": 0, "momentum": 0.2})
     other.load({k: v.clone() for k, v in comp.state().items()})
     b = batch(30, 2)
     assert torch.allclose(other.sample_weights(dict(b), {}), comp.sample_weights(dict(b), {}))
 
 
 def test_melt_rarity_warm_up_gives_no_weights():
-    comp = C.MeltRarity(fake_task(), {"warmup_steps": 2})
+    comp = C.MeltRarity(fake_context(), {"warmup_steps": 2})
     out = {"melt_text": F.normalize(torch.randn(8, D), dim=-1), "melt_pooled": F.normalize(torch.randn(8, D), dim=-1),
            "query": torch.zeros(8, D)}
     assert comp.sample_weights(out, {}) is None and comp.sample_weights(out, {}) is None
@@ -125,7 +120,7 @@ def test_text_guided_pooling_attends_to_the_patch_the_text_names():
 
 def test_shift_tokens_is_refused_with_a_reason():
     with pytest.raises(ConfigError, match="shift_tokens"):
-        C.MeltRarity(fake_task(), {"shift_tokens": True})
+        C.MeltRarity(fake_context(), {"shift_tokens": True})
 
 
 # ------------------------------------------------------------------------------ MELT: inverse frequency
@@ -141,14 +136,14 @@ def test_frequency_keys_use_kinds_or_the_rarest_content_word():
 
 def test_inverse_frequency_weights_favour_rare_kinds():
     kinds = ["color"] * 16 + ["move"] * 4 + ["size"]
-    task = fake_task(n=len(kinds))
-    task.triplets.kinds, task.triplets.modifications = kinds, ["t"] * len(kinds)
-    comp = C.InverseFrequency(task, {"alpha": 1.0})
+    ctx = fake_context(n=len(kinds))
+    ctx.triplets.kinds, ctx.triplets.modifications = kinds, ["t"] * len(kinds)
+    comp = C.InverseFrequency(ctx, {"alpha": 1.0})
     out = {"index": torch.arange(len(kinds)), "query": torch.zeros(len(kinds), D)}
     w = comp.sample_weights(out, {})
     assert abs(float(w.mean()) - 1) < 1e-6
     assert float(w[-1] / w[0]) == pytest.approx(16.0) and float(w[16] / w[0]) == pytest.approx(4.0)
-    half = C.InverseFrequency(task, {"alpha": 0.5}).sample_weights(out, {})
+    half = C.InverseFrequency(ctx, {"alpha": 0.5}).sample_weights(out, {})
     assert float(half[-1] / half[0]) == pytest.approx(4.0)
 
 
@@ -168,16 +163,6 @@ def test_score_vectors_take_positive_then_sorted_hardest_negatives():
     assert cols[1].tolist() == [1, 3, 0] and valid.all()
     _, _, valid = C.score_vectors(logits, torch.ones(4, 4, dtype=torch.bool), 3)
     assert valid[:, 0].all() and not valid[:, 1:].any()
-
-
-def test_masked_kl_matches_kl_div_and_ignores_invalid_entries():
-    t, s = torch.randn(5, 6), torch.randn(5, 6)
-    full = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
-    assert torch.allclose(C.masked_kl(t, s, torch.ones(5, 6, dtype=torch.bool)), full, atol=1e-6)
-    valid = torch.ones(5, 6, dtype=torch.bool)
-    valid[:, 4:] = False
-    part = F.kl_div(F.log_softmax(s[:, :4], 1), F.log_softmax(t[:, :4], 1), log_target=True, reduction="batchmean")
-    assert torch.allclose(C.masked_kl(t, s, valid), part, atol=1e-6)
 
 
 def test_denoiser_loss_falls_and_sampling_recovers_the_distribution():
@@ -207,28 +192,9 @@ def test_denoiser_loss_falls_and_sampling_recovers_the_distribution():
 
 # --------------------------------------------------------------------------------------- SPN: bank
 
-def test_bank_info_nce_matches_cross_entropy_and_masks_duplicates():
-    q = F.normalize(torch.randn(4, D), dim=-1)
-    t = F.normalize(torch.randn(4, D), dim=-1)
-    bank = F.normalize(torch.randn(10, D), dim=-1)
-    manual = F.cross_entropy(10 * torch.cat([(q * t).sum(-1, keepdim=True), q @ bank.T], 1), torch.zeros(4, dtype=torch.long))
-    assert torch.allclose(C.bank_info_nce(q, t, None, bank, 10.0, 0.98), manual, atol=1e-5)
-    ref = F.normalize(torch.randn(4, D), dim=-1)
-    with_dups = torch.cat([bank, t, ref])  # every target and reference is in the bank too
-    scale = torch.tensor(10.0, requires_grad=True)
-    loss = C.bank_info_nce(q, t, ref, with_dups, scale, 0.98)
-    # row i keeps the other rows' targets and references as negatives, never its own
-    rows = [F.cross_entropy(10 * torch.cat([(q[i] * t[i]).sum().view(1), bank @ q[i], t[torch.arange(4) != i] @ q[i],
-                                            ref[torch.arange(4) != i] @ q[i]]).unsqueeze(0), torch.zeros(1, dtype=torch.long))
-            for i in range(4)]
-    assert torch.allclose(loss, torch.stack(rows).mean(), atol=1e-5)
-    loss.backward()
-    assert torch.isfinite(scale.grad)
-
-
 def test_bank_component_needs_a_bank():
     with pytest.raises(ValueError, match="bank"):
-        C.BankNegatives(fake_task(), {})
+        C.BankNegatives(fake_context(), {})
 
 
 # ------------------------------------------------------------------------------------ DQE: mid zone
@@ -264,25 +230,11 @@ def test_mid_zone_fallback_and_quantile_bounds():
 
 def test_mid_zone_options_are_checked():
     with pytest.raises(ConfigError, match="dqe_mid_zone.*lo"):
-        C.MidZoneNegatives(fake_task(), {"lo": 0.1, "hi": -0.1})
+        C.MidZoneNegatives(fake_context(), {"lo": 0.1, "hi": -0.1})
     with pytest.raises(ConfigError, match="unknown field.*\\['width'\\]"):
-        C.MidZoneNegatives(fake_task(), {"width": 3})
+        C.MidZoneNegatives(fake_context(), {"width": 3})
     with pytest.raises(ValueError, match="corpus"):
-        C.MidZoneNegatives(fake_task(), {"candidates": "corpus"})
-
-
-# ------------------------------------------------------------------------------------- DQE: pairwise
-
-def test_pairwise_loss_equals_two_way_kl():
-    pos, neg, tau = torch.randn(6), torch.randn(6, 3), 0.07
-    loss = C.pairwise_logistic_loss(pos, neg, tau)
-    pair = torch.stack([pos.unsqueeze(1).expand(-1, 3), neg], dim=-1) / tau  # [6, 3, 2]
-    kl = F.kl_div(F.log_softmax(pair, -1), torch.tensor([1.0, 0.0]).expand_as(pair), reduction="none").sum(-1).mean()
-    ce = F.cross_entropy(pair.reshape(-1, 2), torch.zeros(18, dtype=torch.long))
-    assert torch.allclose(loss, kl, atol=1e-5) and torch.allclose(loss, ce, atol=1e-5)
-    valid = torch.zeros(6, 3, dtype=torch.bool)
-    valid[:, 0] = True
-    assert torch.allclose(C.pairwise_logistic_loss(pos, neg, tau, valid), C.pairwise_logistic_loss(pos, neg[:, :1], tau))
+        C.MidZoneNegatives(fake_context(), {"candidates": "corpus"})
 
 
 # ----------------------------------------------------------------------------------- DQE: attributes
@@ -358,7 +310,7 @@ def test_component_state_is_saved_with_the_training_state(tmp_path):
 
 def test_melt_denoise_checks_its_length_against_the_batch():
     with pytest.raises(ConfigError, match="melt_denoise.*batch size"):
-        C.MeltDenoise(fake_task(batch_size=8), {"length": 16})
+        C.MeltDenoise(fake_context(batch_size=8), {"length": 16})
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
