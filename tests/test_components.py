@@ -44,6 +44,33 @@ def micro_composer():
     return Composer.from_clip("zscir-micro", phi=PhiConfig(num_tokens=1, vsi_layers=1))
 
 
+# ------------------------------------------------------------------------------------------ the contract
+
+def test_every_built_in_registers_whatever_module_is_imported_first():
+    import subprocess
+    import sys
+
+    names = ["bank", "dqe_attributes", "dqe_mid_zone", "dqe_pairwise", "inverse_frequency", "melt_denoise",
+             "melt_rarity", "mined", "query_negative", "reference"]
+    for first in ("zscir.train.components.negatives", "zscir.train.components.dqe", "zscir.train.stage2",
+                  "zscir.train.bank"):
+        code = f"import {first}; from zscir.train.components import STAGE2_COMPONENTS as R; print(','.join(R.names()))"
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+        assert out.strip().split(",") == names, first
+
+
+def test_the_base_component_declares_every_hook_with_a_neutral_default():
+    comp = C.Stage2Component(fake_context(), {})
+    assert comp.needs_query_negatives is False and comp.uses_text_features is False
+    batch = {"step": 0}
+    comp.prepare_batch(batch, torch.arange(2))
+    out = {"query": torch.zeros(2, D)}
+    comp.forward(torch.nn.Identity(), batch, out)
+    assert batch == {"step": 0} and list(out) == ["query"]
+    assert comp.modules() == {} and comp.extra_negatives(out, batch) is None and comp.sample_weights(out, batch) is None
+    assert comp.loss(out, batch, 0, torch.zeros(2, 2)) == (None, {}) and comp.state() == {}
+
+
 # ------------------------------------------------------------------------------------------ MELT: rarity
 
 def test_running_moments_track_mean_and_variance():
@@ -306,6 +333,8 @@ def test_component_state_is_saved_with_the_training_state(tmp_path):
     assert tensors["extra.dqe_mid_zone.table"].shape == (64, 32)
     assert int(tensors["extra.melt_rarity.updates"]) == 8
     assert any(k.startswith("param.extra.melt_rarity_pool.") for k in tensors)
+    # the frozen text features are saved once, under the first component that reads them (as states written before)
+    assert tensors["extra.melt_rarity.text_features"].shape == (64, D)
 
 
 def test_melt_denoise_checks_its_length_against_the_batch():

@@ -188,7 +188,7 @@ def _set_rng_state(rng: Dict[str, Any]) -> None:
         np.random.set_state((state["name"], np.asarray(state["keys"], dtype=np.uint32), state["pos"],
                              state["has_gauss"], state["cached_gaussian"]))
     else:  # states written before the numpy position was saved: the key array alone cannot resume the stream
-        logger.warning("this training state lacks the full numpy RNG state; numpy draws will not continue the run")
+        logger.debug("this training state lacks the full numpy RNG state; numpy draws will not continue the run")
 
 
 def _jsonable(x: Any) -> Any:
