@@ -143,11 +143,26 @@ def stage1_run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------- train-stage2
 
+def _add_triplet_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--triplets` and `--image-root` (train-stage2, train-bank)."""
+    parser.add_argument("--triplets", required=True, help="triplets (.jsonl, .csv, or a Hugging Face dataset path)")
+    parser.add_argument("--image-root", default=None, help="folder the triplet image paths are relative to")
+
+
+def _encode_triplets(composer: Any, args: argparse.Namespace) -> Tuple[Any, Any]:
+    """The triplet set of `--triplets` (texts fitted to the text tower) and its frozen features."""
+    from ..data.triplets import load_triplets
+    from ..train.features import encode_triplets
+    from ..train.stage2 import fit_to_context
+
+    triplets = fit_to_context(composer, load_triplets(args.triplets, image_root=args.image_root))
+    return triplets, encode_triplets(composer, triplets, progress=not args.no_progress)
+
+
 def stage2_add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI arguments of ``zscir train-stage2``."""
     add_model_argument(parser, "Stage-I model folder")
-    parser.add_argument("--triplets", required=True, help="triplets (.jsonl, .csv, or a Hugging Face dataset path)")
-    parser.add_argument("--image-root", default=None, help="folder the triplet image paths are relative to")
+    _add_triplet_arguments(parser)
     add_device_argument(parser, "feature encoding")
     add_out_argument(parser, "output folder (model in OUT/model)")
     parser.add_argument("--config", type=Path, default=None, help="Stage2Config JSON")
@@ -179,14 +194,12 @@ def stage2_config_from_args(args: argparse.Namespace) -> Stage2Config:
 def stage2_run(args: argparse.Namespace) -> int:
     """Entry point of ``zscir train-stage2``."""
     from ..composer import Composer
-    from ..data.triplets import load_triplets
-    from ..train.features import Corpus, corpus_features, encode_triplets
-    from ..train.stage2 import fit_to_context, train_stage2
+    from ..train.features import Corpus, corpus_features
+    from ..train.stage2 import train_stage2
 
     cfg = stage2_config_from_args(args)
     composer = Composer.from_pretrained(args.model, device=resolve_device(args))
-    triplets = fit_to_context(composer, load_triplets(args.triplets, image_root=args.image_root))
-    feats = encode_triplets(composer, triplets, progress=not args.no_progress)
+    _, feats = _encode_triplets(composer, args)
     corpus = None
     if args.corpus:
         # cached on disk; corrupt corpus images are logged and skipped
@@ -202,8 +215,7 @@ def stage2_run(args: argparse.Namespace) -> int:
 def bank_add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI arguments of ``zscir train-bank``."""
     add_model_argument(parser, "Stage-II model folder (from zscir train-stage2)")
-    parser.add_argument("--triplets", required=True, help="triplets (.jsonl, .csv, or a Hugging Face dataset path)")
-    parser.add_argument("--image-root", default=None, help="folder the triplet image paths are relative to")
+    _add_triplet_arguments(parser)
     parser.add_argument("--corpus", default=None, help="image folder added to the bank (gallery or training images)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache of the corpus (default: OUT/features)")
     add_out_argument(parser, "output folder (model in OUT/model)")
@@ -236,17 +248,14 @@ def bank_config_from_args(args: argparse.Namespace) -> BankStageConfig:
 def bank_run(args: argparse.Namespace) -> int:
     """Entry point of ``zscir train-bank``."""
     from ..composer import Composer
-    from ..data.triplets import load_triplets
     from ..train.bank import build_bank, train_bank, triplet_bank_parts
-    from ..train.features import corpus_features, encode_triplets
-    from ..train.stage2 import fit_to_context
+    from ..train.features import corpus_features
 
     cfg = bank_config_from_args(args)
     composer = Composer.from_pretrained(args.model, device=resolve_device(args))
     if composer.config.adapters is None:
         raise ValueError(f"{args.model}: not a Stage-II model (no adapters); run zscir train-stage2 first")
-    triplets = fit_to_context(composer, load_triplets(args.triplets, image_root=args.image_root))
-    feats = encode_triplets(composer, triplets, progress=not args.no_progress)
+    triplets, feats = _encode_triplets(composer, args)
     parts: List[Tuple[torch.Tensor, List[str]]] = []
     if args.corpus:
         parts.append(corpus_features(composer, args.corpus, args.cache_dir or args.out / "features",
