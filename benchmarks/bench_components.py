@@ -73,7 +73,8 @@ def stage1_model(tiny_clip: Path, world: Any, folder: Path, progress: bool) -> P
     from zscir.composer import Composer
     from zscir.models.phi import PhiConfig
     from zscir.train.engine import TrainConfig
-    from zscir.train.stage1 import Stage1Config, shapes_features, train_stage1
+    from zscir.train.features import shapes_features
+    from zscir.train.stage1 import Stage1Config, train_stage1
 
     model = folder / "model"
     stamp = folder / "clip.txt"
