@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ...composer import Composer
 from ...config import ConfigError
 from ...registry import Registry
 from ..features import Corpus, TripletFeatures, text_features
@@ -35,7 +36,7 @@ class ComponentContext:
     cfg: Any  # the run's Stage2Config
     triplets: TripletFeatures
     corpus: Optional[Corpus] = None
-    composer: Any = None  # the Composer being trained (adapters inserted)
+    composer: Optional[Composer] = None  # the composer being trained (adapters inserted)
     encode_queries: Optional[Callable[[], torch.Tensor]] = None  # current query embeddings of every triplet
     _text_features: Optional[torch.Tensor] = dataclasses.field(default=None, init=False, repr=False)
 
