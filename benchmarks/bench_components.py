@@ -73,7 +73,8 @@ def stage1_model(tiny_clip: Path, world: Any, folder: Path, progress: bool) -> P
     from zscir.composer import Composer
     from zscir.models.phi import PhiConfig
     from zscir.train.engine import TrainConfig
-    from zscir.train.stage1 import Stage1Config, shapes_features, train_stage1
+    from zscir.train.features import shapes_features
+    from zscir.train.stage1 import Stage1Config, train_stage1
 
     model = folder / "model"
     stamp = folder / "clip.txt"
@@ -178,8 +179,7 @@ def diagnostics(task: Any) -> Dict[str, Any]:
 def bank_cost(sizes: Sequence[int] = (50_000,), dims: Sequence[int] = (128, 768), batch: int = 128,
               sampled: int = 4096, repeats: int = 3) -> List[Dict[str, Any]]:
     """Time and memory of the SPN bank term (forward + backward) next to the in-batch InfoNCE, random features."""
-    from zscir.losses import info_nce_with_negatives
-    from zscir.train.components import bank_info_nce
+    from zscir.losses import bank_info_nce, info_nce_with_negatives
 
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -234,12 +234,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from zscir.shapes import LONG_TAIL_WEIGHTS, ShapesWorld, ShapesWorldConfig
     from zscir.eval.shapes_eval import ShapesBenchmark
     from zscir.models.backbone import load_backbone
-    from zscir.train import components  # noqa: F401  (registers the components until stage2 imports them)
+    from zscir.composer import Composer
     from zscir.train.bank import build_bank, triplet_bank_parts
     from zscir.train.clip_pretrain import pretrained_tiny_clip
-    from zscir.train.stage1 import shapes_features
-    from zscir.composer import Composer
-    from zscir.train.stage2 import shapes_triplet_features
+    from zscir.train.features import shapes_features, shapes_triplet_features
 
     t0 = time.perf_counter()
     world = ShapesWorld(ShapesWorldConfig(seed=0, image_size=64))

@@ -34,7 +34,8 @@ from zscir.eval.shapes_eval import (ShapesBenchmark, composer_encoder, image_onl
 from zscir.models.phi import PhiConfig
 from zscir.train.clip_pretrain import pretrained_tiny_clip
 from zscir.train.engine import TrainConfig
-from zscir.train.stage1 import Stage1Config, Stage1Task, shapes_features, train_stage1
+from zscir.train.features import shapes_features
+from zscir.train.stage1 import Stage1Config, Stage1Task, train_stage1
 
 VARIANTS = {
     "Pic2Word-style": (dict(num_tokens=1, use_vsi=False, dropout=0.1), "hard", 0.0),

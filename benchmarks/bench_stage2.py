@@ -30,8 +30,9 @@ from zscir.models.adapters import AdapterConfig, count_trainable
 from zscir.models.phi import PhiConfig
 from zscir.train.clip_pretrain import pretrained_tiny_clip
 from zscir.train.engine import TrainConfig
-from zscir.train.stage1 import Stage1Config, shapes_features, train_stage1
-from zscir.train.stage2 import Stage2Config, Stage2Task, prepare_stage2, shapes_triplet_features, train_stage2
+from zscir.train.features import shapes_features, shapes_triplet_features
+from zscir.train.stage1 import Stage1Config, train_stage1
+from zscir.train.stage2 import Stage2Config, Stage2Task, prepare_stage2, train_stage2
 
 DEFAULT = Stage2Config()
 ROWS = {

@@ -37,7 +37,8 @@ from zscir.eval.metrics import recall_at_ks
 from zscir.search import exact_topk
 from zscir.models.adapters import AdapterConfig
 from zscir.train.engine import TrainConfig
-from zscir.train.stage2 import Stage2Config, encode_triplets, fit_to_context, train_stage2
+from zscir.train.features import encode_triplets
+from zscir.train.stage2 import Stage2Config, fit_to_context, train_stage2
 
 KS = (1, 5, 10)
 REPORT_NAME = "finetune_report.json"
@@ -48,7 +49,8 @@ def make_tiny_inputs(workdir: Path, n_triplets: int = 240, seed: int = 0, progre
     """Write shapes-world triplets and a quickly trained Stage-I model; returns (triplets file, image root, model dir)."""
     from zscir.shapes import ShapesWorld, ShapesWorldConfig
     from zscir.models.phi import PhiConfig
-    from zscir.train.stage1 import Stage1Config, shapes_features, train_stage1
+    from zscir.train.features import shapes_features
+    from zscir.train.stage1 import Stage1Config, train_stage1
 
     torch.manual_seed(seed)
     composer = Composer.from_clip("zscir-micro", phi=PhiConfig(num_tokens=2, vsi_layers=1))

@@ -7,7 +7,8 @@ from zscir.checkpoint import save_tensors
 from zscir.composer import Composer
 from zscir.models.phi import PhiConfig
 from zscir.train.engine import TrainConfig
-from zscir.train.stage1 import FeatureSource, Stage1Config, train_stage1
+from zscir.train.features import FeatureSource
+from zscir.train.stage1 import Stage1Config, train_stage1
 
 
 def main(out: str) -> None:

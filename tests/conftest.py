@@ -41,7 +41,8 @@ def stage1_model(tiny_clip_dir, world, tmp_path_factory):
     from zscir.composer import Composer
     from zscir.models.phi import PhiConfig
     from zscir.train.engine import TrainConfig
-    from zscir.train.stage1 import Stage1Config, shapes_features, train_stage1
+    from zscir.train.features import shapes_features
+    from zscir.train.stage1 import Stage1Config, train_stage1
 
     torch.manual_seed(0)  # the same fixture whichever tests ran before
     composer = Composer.from_clip(str(tiny_clip_dir), phi=PhiConfig(num_tokens=2, vsi_layers=1))

@@ -9,7 +9,7 @@ from zscir.models.adapters import AdapterConfig
 from zscir.models.phi import PhiConfig
 from zscir.train.bank import BankStageConfig, build_bank, deduplicate, stage2_config, train_bank, triplet_bank_parts
 from zscir.train.engine import TrainConfig
-from zscir.train.stage2 import Corpus, TripletFeatures
+from zscir.train.features import Corpus, TripletFeatures
 
 D = 64
 

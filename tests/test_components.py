@@ -11,24 +11,19 @@ from zscir.composer import Composer
 from zscir.config import ConfigError
 from zscir.models.adapters import AdapterConfig
 from zscir.models.phi import PhiConfig
+from zscir.train.components import ComponentContext
 from zscir.train.engine import TrainConfig
-from zscir.train.stage2 import Corpus, Stage2Config, Stage2Task, TripletFeatures, train_stage2
+from zscir.train.features import Corpus, TripletFeatures
+from zscir.train.stage2 import Stage2Config, Stage2Task, train_stage2
 
 D = 64  # zscir-micro embedding width
 
 
-class FakeTask:
-    """The few task attributes the components read (a plain class: caches key on tasks by weak reference)."""
-
-    def __init__(self, dim=D, batch_size=32, components=(), n=4):
-        self.cfg = Stage2Config(components=tuple(components), train=TrainConfig(batch_size=batch_size))
-        self.triplets = SimpleNamespace(target=F.normalize(torch.randn(n, dim), dim=-1), kinds=[""] * n,
-                                        modifications=[""] * n)
-        self.corpus = None
-        self.components = []
-
-
-fake_task = FakeTask
+def fake_context(dim=D, batch_size=32, components=(), n=4):
+    """A component context without a composer: the config and triplet fields the components read."""
+    cfg = Stage2Config(components=tuple(components), train=TrainConfig(batch_size=batch_size))
+    triplets = SimpleNamespace(target=F.normalize(torch.randn(n, dim), dim=-1), kinds=[""] * n, modifications=[""] * n)
+    return ComponentContext(cfg, triplets)
 
 
 def random_triplets(n=96, kinds=None, texts=None, seed=0):
@@ -47,6 +42,33 @@ def random_triplets(n=96, kinds=None, texts=None, seed=0):
 def micro_composer():
     torch.manual_seed(0)
     return Composer.from_clip("zscir-micro", phi=PhiConfig(num_tokens=1, vsi_layers=1))
+
+
+# ------------------------------------------------------------------------------------------ the contract
+
+def test_every_built_in_registers_whatever_module_is_imported_first():
+    import subprocess
+    import sys
+
+    names = ["bank", "dqe_attributes", "dqe_mid_zone", "dqe_pairwise", "inverse_frequency", "melt_denoise",
+             "melt_rarity", "mined", "query_negative", "reference"]
+    for first in ("zscir.train.components.negatives", "zscir.train.components.dqe", "zscir.train.stage2",
+                  "zscir.train.bank"):
+        code = f"import {first}; from zscir.train.components import STAGE2_COMPONENTS as R; print(','.join(R.names()))"
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+        assert out.strip().split(",") == names, first
+
+
+def test_the_base_component_declares_every_hook_with_a_neutral_default():
+    comp = C.Stage2Component(fake_context(), {})
+    assert comp.needs_query_negatives is False and comp.uses_text_features is False
+    batch = {"step": 0}
+    comp.prepare_batch(batch, torch.arange(2))
+    out = {"query": torch.zeros(2, D)}
+    comp.forward(torch.nn.Identity(), batch, out)
+    assert batch == {"step": 0} and list(out) == ["query"]
+    assert comp.modules() == {} and comp.extra_negatives(out, batch) is None and comp.sample_weights(out, batch) is None
+    assert comp.loss(out, batch, 0, torch.zeros(2, 2)) == (None, {}) and comp.state() == {}
 
 
 # ------------------------------------------------------------------------------------------ MELT: rarity
@@ -82,7 +104,7 @@ def test_rarity_weights_are_monotone_and_mean_one():
 
 def test_melt_rarity_up_weights_rare_modifications():
     torch.manual_seed(0)
-    comp = C.MeltRarity(fake_task(), {"warmup_steps": 0, "momentum": 0.2})
+    comp = C.MeltRarity(fake_context(), {"warmup_steps": 0, "momentum": 0.2})
     common_dir, rare_dir = F.normalize(torch.randn(2, D), dim=-1)
 
     def batch(n_common, n_rare):
@@ -97,14 +119,14 @@ def test_melt_rarity_up_weights_rare_modifications():
     assert w.shape == (64,) and abs(float(w.mean()) - 1) < 1e-5
     assert float(w[58:].mean()) > 1.3 * float(w[:58].mean()), (w[58:].mean(), w[:58].mean())
     # state round trip: a fresh component restores the statistics and weighs identically
-    other = C.MeltRarity(fake_task(), {"warmup_steps": 0, "momentum": 0.2})
+    other = C.MeltRarity(fake_context(), {"warmup_steps": 0, "momentum": 0.2})
     other.load({k: v.clone() for k, v in comp.state().items()})
     b = batch(30, 2)
     assert torch.allclose(other.sample_weights(dict(b), {}), comp.sample_weights(dict(b), {}))
 
 
 def test_melt_rarity_warm_up_gives_no_weights():
-    comp = C.MeltRarity(fake_task(), {"warmup_steps": 2})
+    comp = C.MeltRarity(fake_context(), {"warmup_steps": 2})
     out = {"melt_text": F.normalize(torch.randn(8, D), dim=-1), "melt_pooled": F.normalize(torch.randn(8, D), dim=-1),
            "query": torch.zeros(8, D)}
     assert comp.sample_weights(out, {}) is None and comp.sample_weights(out, {}) is None
@@ -125,7 +147,7 @@ def test_text_guided_pooling_attends_to_the_patch_the_text_names():
 
 def test_shift_tokens_is_refused_with_a_reason():
     with pytest.raises(ConfigError, match="shift_tokens"):
-        C.MeltRarity(fake_task(), {"shift_tokens": True})
+        C.MeltRarity(fake_context(), {"shift_tokens": True})
 
 
 # ------------------------------------------------------------------------------ MELT: inverse frequency
@@ -141,14 +163,14 @@ def test_frequency_keys_use_kinds_or_the_rarest_content_word():
 
 def test_inverse_frequency_weights_favour_rare_kinds():
     kinds = ["color"] * 16 + ["move"] * 4 + ["size"]
-    task = fake_task(n=len(kinds))
-    task.triplets.kinds, task.triplets.modifications = kinds, ["t"] * len(kinds)
-    comp = C.InverseFrequency(task, {"alpha": 1.0})
+    ctx = fake_context(n=len(kinds))
+    ctx.triplets.kinds, ctx.triplets.modifications = kinds, ["t"] * len(kinds)
+    comp = C.InverseFrequency(ctx, {"alpha": 1.0})
     out = {"index": torch.arange(len(kinds)), "query": torch.zeros(len(kinds), D)}
     w = comp.sample_weights(out, {})
     assert abs(float(w.mean()) - 1) < 1e-6
     assert float(w[-1] / w[0]) == pytest.approx(16.0) and float(w[16] / w[0]) == pytest.approx(4.0)
-    half = C.InverseFrequency(task, {"alpha": 0.5}).sample_weights(out, {})
+    half = C.InverseFrequency(ctx, {"alpha": 0.5}).sample_weights(out, {})
     assert float(half[-1] / half[0]) == pytest.approx(4.0)
 
 
@@ -168,16 +190,6 @@ def test_score_vectors_take_positive_then_sorted_hardest_negatives():
     assert cols[1].tolist() == [1, 3, 0] and valid.all()
     _, _, valid = C.score_vectors(logits, torch.ones(4, 4, dtype=torch.bool), 3)
     assert valid[:, 0].all() and not valid[:, 1:].any()
-
-
-def test_masked_kl_matches_kl_div_and_ignores_invalid_entries():
-    t, s = torch.randn(5, 6), torch.randn(5, 6)
-    full = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
-    assert torch.allclose(C.masked_kl(t, s, torch.ones(5, 6, dtype=torch.bool)), full, atol=1e-6)
-    valid = torch.ones(5, 6, dtype=torch.bool)
-    valid[:, 4:] = False
-    part = F.kl_div(F.log_softmax(s[:, :4], 1), F.log_softmax(t[:, :4], 1), log_target=True, reduction="batchmean")
-    assert torch.allclose(C.masked_kl(t, s, valid), part, atol=1e-6)
 
 
 def test_denoiser_loss_falls_and_sampling_recovers_the_distribution():
@@ -207,28 +219,9 @@ def test_denoiser_loss_falls_and_sampling_recovers_the_distribution():
 
 # --------------------------------------------------------------------------------------- SPN: bank
 
-def test_bank_info_nce_matches_cross_entropy_and_masks_duplicates():
-    q = F.normalize(torch.randn(4, D), dim=-1)
-    t = F.normalize(torch.randn(4, D), dim=-1)
-    bank = F.normalize(torch.randn(10, D), dim=-1)
-    manual = F.cross_entropy(10 * torch.cat([(q * t).sum(-1, keepdim=True), q @ bank.T], 1), torch.zeros(4, dtype=torch.long))
-    assert torch.allclose(C.bank_info_nce(q, t, None, bank, 10.0, 0.98), manual, atol=1e-5)
-    ref = F.normalize(torch.randn(4, D), dim=-1)
-    with_dups = torch.cat([bank, t, ref])  # every target and reference is in the bank too
-    scale = torch.tensor(10.0, requires_grad=True)
-    loss = C.bank_info_nce(q, t, ref, with_dups, scale, 0.98)
-    # row i keeps the other rows' targets and references as negatives, never its own
-    rows = [F.cross_entropy(10 * torch.cat([(q[i] * t[i]).sum().view(1), bank @ q[i], t[torch.arange(4) != i] @ q[i],
-                                            ref[torch.arange(4) != i] @ q[i]]).unsqueeze(0), torch.zeros(1, dtype=torch.long))
-            for i in range(4)]
-    assert torch.allclose(loss, torch.stack(rows).mean(), atol=1e-5)
-    loss.backward()
-    assert torch.isfinite(scale.grad)
-
-
 def test_bank_component_needs_a_bank():
     with pytest.raises(ValueError, match="bank"):
-        C.BankNegatives(fake_task(), {})
+        C.BankNegatives(fake_context(), {})
 
 
 # ------------------------------------------------------------------------------------ DQE: mid zone
@@ -264,25 +257,11 @@ def test_mid_zone_fallback_and_quantile_bounds():
 
 def test_mid_zone_options_are_checked():
     with pytest.raises(ConfigError, match="dqe_mid_zone.*lo"):
-        C.MidZoneNegatives(fake_task(), {"lo": 0.1, "hi": -0.1})
+        C.MidZoneNegatives(fake_context(), {"lo": 0.1, "hi": -0.1})
     with pytest.raises(ConfigError, match="unknown field.*\\['width'\\]"):
-        C.MidZoneNegatives(fake_task(), {"width": 3})
+        C.MidZoneNegatives(fake_context(), {"width": 3})
     with pytest.raises(ValueError, match="corpus"):
-        C.MidZoneNegatives(fake_task(), {"candidates": "corpus"})
-
-
-# ------------------------------------------------------------------------------------- DQE: pairwise
-
-def test_pairwise_loss_equals_two_way_kl():
-    pos, neg, tau = torch.randn(6), torch.randn(6, 3), 0.07
-    loss = C.pairwise_logistic_loss(pos, neg, tau)
-    pair = torch.stack([pos.unsqueeze(1).expand(-1, 3), neg], dim=-1) / tau  # [6, 3, 2]
-    kl = F.kl_div(F.log_softmax(pair, -1), torch.tensor([1.0, 0.0]).expand_as(pair), reduction="none").sum(-1).mean()
-    ce = F.cross_entropy(pair.reshape(-1, 2), torch.zeros(18, dtype=torch.long))
-    assert torch.allclose(loss, kl, atol=1e-5) and torch.allclose(loss, ce, atol=1e-5)
-    valid = torch.zeros(6, 3, dtype=torch.bool)
-    valid[:, 0] = True
-    assert torch.allclose(C.pairwise_logistic_loss(pos, neg, tau, valid), C.pairwise_logistic_loss(pos, neg[:, :1], tau))
+        C.MidZoneNegatives(fake_context(), {"candidates": "corpus"})
 
 
 # ----------------------------------------------------------------------------------- DQE: attributes
@@ -354,11 +333,13 @@ def test_component_state_is_saved_with_the_training_state(tmp_path):
     assert tensors["extra.dqe_mid_zone.table"].shape == (64, 32)
     assert int(tensors["extra.melt_rarity.updates"]) == 8
     assert any(k.startswith("param.extra.melt_rarity_pool.") for k in tensors)
+    # the frozen text features are saved once, under the first component that reads them (as states written before)
+    assert tensors["extra.melt_rarity.text_features"].shape == (64, D)
 
 
 def test_melt_denoise_checks_its_length_against_the_batch():
     with pytest.raises(ConfigError, match="melt_denoise.*batch size"):
-        C.MeltDenoise(fake_task(batch_size=8), {"length": 16})
+        C.MeltDenoise(fake_context(batch_size=8), {"length": 16})
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):

@@ -1,19 +1,20 @@
-"""The shared training engine: learning, determinism, resume, config round trips, atomic checkpoints."""
+"""The shared training engine: learning, determinism, multi-process gradients, resume (weights and RNG streams)."""
 import dataclasses
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zscir.checkpoint import CheckpointError, load_folder, load_tensors, save_folder
-from zscir.config import Config, ConfigError
+from zscir.checkpoint import CheckpointError, load_tensors
 from zscir.losses import clip_contrastive
 from zscir.train.engine import TrainConfig, Trainer, TrainTask, epoch_indices
 
@@ -123,6 +124,29 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert [h["step"] for h in trainer.history] == list(range(1, 41))
 
 
+class NoisyPairTask(PairTask):
+    """Batches perturbed with draws from the global python, numpy and torch RNGs (as augmentation would)."""
+
+    def make_batch(self, indices, step):
+        batch = super().make_batch(indices, step)
+        shape = batch["x"].shape
+        noise = torch.from_numpy(np.random.standard_normal(shape).astype(np.float32)) + torch.randn(shape)
+        return {"x": batch["x"] + 0.3 * random.random() * noise, "y": batch["y"]}
+
+
+def test_resume_continues_the_python_numpy_and_torch_rng_streams(tmp_path):
+    straight = NoisyPairTask()
+    Trainer(straight, CFG, progress=False).train()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_interrupt_at(NoisyPairTask(), 17), CFG, output_dir=tmp_path, progress=False).train()
+    random.seed(123)  # whatever ran in between must not matter
+    np.random.seed(123)
+    torch.manual_seed(123)
+    resumed = NoisyPairTask()
+    Trainer(resumed, CFG, output_dir=tmp_path, progress=False).train(resume=True)
+    assert torch.allclose(_params(resumed.module), _params(straight.module), atol=1e-6)
+
+
 def test_resume_refuses_another_config(tmp_path):
     Trainer(PairTask(), dataclasses.replace(CFG, steps=5), output_dir=tmp_path, progress=False).train()
     with pytest.raises(CheckpointError, match="lr"):
@@ -134,38 +158,3 @@ def test_epoch_indices_cover_every_example_once_per_epoch():
     seen = torch.cat([epoch_indices(n, b, s, seed=3) for s in range(0, 50 * 4 // b)])[:n]
     assert sorted(seen.tolist()) == list(range(n))
     assert torch.equal(epoch_indices(n, b, 7, 3), epoch_indices(n, b, 7, 3))
-
-
-@dataclasses.dataclass
-class _Inner(Config):
-    width: int = 3
-
-
-@dataclasses.dataclass
-class _Outer(Config):
-    name: str = "x"
-    inner: _Inner = dataclasses.field(default_factory=_Inner)
-    tags: tuple = ("a", "b")
-
-
-def test_config_round_trip_and_unknown_keys(tmp_path):
-    cfg = _Outer(name="y", inner=_Inner(7), tags=("c",))
-    cfg.to_json(tmp_path / "c.json")
-    assert _Outer.from_json(tmp_path / "c.json") == cfg
-    with pytest.raises(ConfigError, match="widht"):
-        _Outer.from_dict({"inner": {"widht": 3}})
-    (tmp_path / "bad.json").write_text("{oops")
-    with pytest.raises(ConfigError, match="invalid JSON"):
-        _Outer.from_json(tmp_path / "bad.json")
-
-
-def test_checkpoint_folder_round_trip_and_errors(tmp_path):
-    save_folder(tmp_path / "m", {"a": 1}, {"w": torch.arange(4.0)})
-    cfg, tensors = load_folder(tmp_path / "m")
-    assert cfg == {"a": 1} and torch.equal(tensors["w"], torch.arange(4.0))
-    assert not [p for p in (tmp_path / "m").iterdir() if p.name.endswith(".tmp")]
-    (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="corrupt"):
-        load_folder(tmp_path / "m")
-    with pytest.raises(CheckpointError, match="not found"):
-        load_folder(tmp_path / "missing")

@@ -119,9 +119,9 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
     from .eval.shapes_eval import (ShapesBenchmark, composer_encoder, image_only, image_plus_text,
                                    inversion_recall, text_only)
     from .train.clip_pretrain import pretrained_tiny_clip
-    from .train.stage1 import Stage1Config, shapes_features, train_stage1
+    from .train.features import shapes_features, shapes_triplet_features
+    from .train.stage1 import Stage1Config, train_stage1
     from .train.stage2 import Stage2Config, train_stage2
-    from .train.stage2 import shapes_triplet_features
 
     start = time.time()
     torch.manual_seed(cfg.seed)

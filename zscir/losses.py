@@ -31,6 +31,30 @@ info_nce_with_negatives(q, t, extra_neg, scale, mask)
     extra_neg[i, m] (reference image, query-side negatives, mined gallery
     images), CE with the positive at column i. Entries where mask is True (near
     duplicates of the target) are removed from the softmax.
+
+target_to_query_info_nce(q, q_neg, t, scale, mask, rows)
+    Stage II ``query_negative``: target t_i against all in-batch queries q_j
+    plus q'_i (the same reference with another triplet's modification), CE with
+    the positive at column i, on the rows that have a q'_i.
+
+bank_info_nce(q, t, r, bank, scale, dup_threshold)
+    SPN bank: CE of [s(q_i, t_i), s(q_i, b_j) for every bank row j] with label
+    0; bank rows that duplicate t_i or r_i are masked.
+
+pairwise_logistic_loss(pos, neg, tau, valid)
+    DQE-CIR pairwise objective: mean of -log sigmoid((s_t - s_n) / tau) over
+    valid (row, negative) pairs, i.e. a 2-way softmax CE per pair.
+
+margin_loss(pos, neg, margin, valid)
+    Hinge: mean over rows of sum_n relu(margin - (pos_i - neg_in)) over valid n.
+
+masked_kl(teacher, student, valid)
+    Mean over rows of KL(softmax(teacher) || softmax(student)) over valid
+    entries (MELT's denoised-score distillation).
+
+Helpers shared by every stage: :func:`clamped_scale` (the learnable logit
+scale exp(log_scale), clamped at 100 as in CLIP) and :func:`duplicate_mask`
+(which in-batch targets count as the same image).
 """
 from __future__ import annotations
 
@@ -38,6 +62,26 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+__all__ = [
+    "bank_info_nce", "clamped_scale", "clip_contrastive", "concept_alignment", "duplicate_mask", "info_nce_with_negatives",
+    "margin_loss", "masked_kl", "pairwise_logistic_loss", "soft_contrastive", "soft_targets", "target_to_query_info_nce",
+]
+
+MAX_SCALE = 100.0  # CLIP's cap on the learnable logit scale
+
+
+def clamped_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """The logit scale exp(log_scale), clamped at :data:`MAX_SCALE`."""
+    return log_scale.exp().clamp(max=MAX_SCALE)
+
+
+def duplicate_mask(target: torch.Tensor, threshold: float, codes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, B] True where target j is the same image as target i: same code, or cosine >= threshold (diagonal False)."""
+    dup = (target @ target.T) >= threshold
+    if codes is not None:
+        dup = (codes[:, None] == codes[None, :]) | dup
+    return dup & ~torch.eye(len(target), dtype=torch.bool, device=target.device)
 
 
 def clip_contrastive(q: torch.Tensor, t: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -100,3 +144,59 @@ def info_nce_with_negatives(
     if weights is not None:
         return (per_row * weights).sum() / weights.sum().clamp_min(1e-8)
     return per_row.mean()
+
+
+def target_to_query_info_nce(q: torch.Tensor, q_neg: torch.Tensor, t: torch.Tensor, scale: torch.Tensor | float,
+                             mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """CE of t_i over [all in-batch queries, its query negative q'_i] with the positive q_i, on ``rows``.
+
+    ``mask`` [B, B] marks queries whose target duplicates t_i (dropped; the diagonal never is).
+    """
+    logits = scale * t @ q.T
+    eye = torch.eye(len(t), dtype=torch.bool, device=t.device)
+    logits = logits.masked_fill(mask & ~eye, float("-inf"))
+    neg = scale * (t * q_neg).sum(-1, keepdim=True)
+    return F.cross_entropy(torch.cat([logits, neg], dim=1)[rows], rows)
+
+
+def bank_info_nce(query: torch.Tensor, target: torch.Tensor, reference: Optional[torch.Tensor], bank: torch.Tensor,
+                  scale: torch.Tensor | float, dup_threshold: float) -> torch.Tensor:
+    """Mean CE of [s(q_i, t_i), s(q_i, bank_j) for all j] with label 0; bank rows duplicating t_i or r_i are masked.
+
+    Memory is O(B * M) (logits), never O(B * M * D).
+    """
+    pos = (query * target).sum(-1, keepdim=True)
+    bank = bank.to(query.dtype)
+    neg = query @ bank.T
+    with torch.no_grad():
+        drop = (target.to(bank.dtype) @ bank.T) >= dup_threshold
+        if reference is not None:
+            drop |= (reference.to(bank.dtype) @ bank.T) >= dup_threshold
+    # mask after scaling: a -inf times a learnable scale would give a NaN gradient for the scale
+    logits = torch.cat([scale * pos, (scale * neg).masked_fill(drop, float("-inf"))], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))
+
+
+def pairwise_logistic_loss(pos: torch.Tensor, neg: torch.Tensor, tau: float,
+                           valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of -log sigmoid((s_t - s_n) / tau) = KL([1, 0] || softmax([s_t, s_n] / tau)) over valid (row, negative) pairs.
+
+    ``pos`` [B], ``neg`` [B, M]; ``valid`` [B, M] selects the pairs that count.
+    """
+    terms = F.softplus(-(pos.unsqueeze(1) - neg) / tau)
+    if valid is None:
+        return terms.mean()
+    return (terms * valid).sum() / valid.sum().clamp_min(1)
+
+
+def margin_loss(pos: torch.Tensor, neg: torch.Tensor, margin: float, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of sum_n relu(margin - (pos_i - neg_in)) over valid negatives; ``pos`` [B, 1], ``neg`` [B, M]."""
+    return (F.relu(margin - (pos - neg)) * valid).sum(1).mean()
+
+
+def masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(softmax(teacher) || softmax(student)) restricted to valid entries."""
+    t_log = F.log_softmax(teacher_logits.masked_fill(~valid, float("-inf")), dim=1)
+    s_log = F.log_softmax(student_logits.masked_fill(~valid, float("-inf")), dim=1)
+    terms = (t_log.exp() * (t_log - s_log)).masked_fill(~valid, 0.0)
+    return terms.sum(1).mean()

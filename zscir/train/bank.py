@@ -10,7 +10,7 @@ from a mid-rank similarity window plus templates or an LLM, are the
 
 Here the stage is plain Stage II (:func:`zscir.train.stage2.train_stage2`, the
 shared engine: resumable, several GPUs) on an already trained Stage-II model
-with the ``bank`` component (:class:`zscir.train.components.BankNegatives`)
+with the ``bank`` component (:class:`zscir.train.components.spn.BankNegatives`)
 switched on and the bank passed as the task's corpus. Trainable: the adapters
 (and phi with ``train_phi``); the CLIP towers stay frozen, so bank features
 never go stale. The bank is deduplicated first: an image whose cosine to an
@@ -20,7 +20,6 @@ duplicate a query's target or reference are masked in its loss.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 from pathlib import Path
@@ -31,10 +30,13 @@ import torch.nn.functional as F
 
 from ..composer import Composer
 from ..config import Config
-from .engine import TrainConfig, add_train_arguments, train_config_from_args
-from .stage2 import Corpus, Stage2Config, TripletFeatures, train_stage2
+from .engine import TrainConfig
+from .features import Corpus, TripletFeatures
+from .stage2 import Stage2Config, train_stage2
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["BankStageConfig", "build_bank", "deduplicate", "stage2_config", "train_bank", "triplet_bank_parts"]
 
 
 @dataclasses.dataclass
@@ -133,83 +135,7 @@ def train_bank(composer: Composer, triplets: TripletFeatures, bank: Corpus, cfg:
     if bank.features.shape[1] != triplets.target.shape[1]:
         raise ValueError(f"bank features have width {bank.features.shape[1]} but the triplets' targets "
                          f"{triplets.target.shape[1]}")
-    from . import components  # noqa: F401  (registers the 'bank' component)
-
     logger.info("bank stage: %d bank images, %s negatives per step", len(bank.ids),
                 "all" if cfg.negatives == 0 else cfg.negatives)
     return train_stage2(composer, triplets, stage2_config(cfg), corpus=bank, output_dir=output_dir, resume=resume,
                         progress=progress)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """CLI arguments of ``zscir train-bank``."""
-    parser.add_argument("--model", required=True, type=Path, help="Stage-II model folder (from zscir train-stage2)")
-    parser.add_argument("--triplets", required=True, help="triplets (.jsonl, .csv, or a Hugging Face dataset path)")
-    parser.add_argument("--image-root", default=None, help="folder the triplet image paths are relative to")
-    parser.add_argument("--corpus", default=None, help="image folder added to the bank (gallery or training images)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache of the corpus (default: OUT/features)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (model in OUT/model)")
-    parser.add_argument("--config", type=Path, default=None, help="BankStageConfig JSON")
-    parser.add_argument("--negatives", type=int, default=None, help="bank negatives per step; 0 = the whole bank")
-    parser.add_argument("--dedup-threshold", type=float, default=None, help="cosine at which bank images are merged")
-    parser.add_argument("--no-triplet-images", action="store_true", help="bank = corpus images only")
-    parser.add_argument("--train-phi", action="store_true", help="also fine-tune the phi-network")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    add_train_arguments(parser)
-
-
-def config_from_args(args: argparse.Namespace) -> BankStageConfig:
-    """BankStageConfig from a JSON file and command-line overrides."""
-    cfg = BankStageConfig.from_json(args.config) if args.config else BankStageConfig()
-    changes: Dict[str, Any] = {"train": train_config_from_args(cfg.train, args)}
-    if args.negatives is not None:
-        if args.negatives < 0:
-            raise ValueError(f"--negatives must be >= 0, got {args.negatives}")
-        changes["negatives"] = args.negatives
-    if args.dedup_threshold is not None:
-        changes["dedup_threshold"] = args.dedup_threshold
-    if args.no_triplet_images:
-        changes["include_triplet_images"] = False
-    if args.train_phi:
-        changes["train_phi"] = True
-    return dataclasses.replace(cfg, **changes)
-
-
-def corpus_features(composer: Composer, folder: Any, cache_dir: Path, progress: bool = True) -> Tuple[torch.Tensor, List[str]]:
-    """Normalised pooled features and paths of every decodable image under ``folder`` (cached on disk)."""
-    from ..data.features import FeatureCache
-    from ..data.images import list_images
-
-    paths = list_images(folder)
-    if not paths:
-        raise ValueError(f"--corpus {folder}: no images found")
-    cache = FeatureCache.build(composer.backbone, paths, cache_dir, with_patches=False, progress=progress)
-    valid = cache.valid_indices()
-    feats = torch.from_numpy(cache.pooled[valid].astype("float32"))
-    return F.normalize(feats, dim=-1), [cache.paths[i] for i in valid.tolist()]
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``zscir train-bank``."""
-    from ..data.triplets import load_triplets
-    from ..models.backbone import default_device
-    from .stage2 import encode_triplets, fit_to_context
-
-    cfg = config_from_args(args)
-    composer = Composer.from_pretrained(args.model, device=args.device or default_device())
-    if composer.config.adapters is None:
-        raise ValueError(f"{args.model}: not a Stage-II model (no adapters); run zscir train-stage2 first")
-    triplets = fit_to_context(composer, load_triplets(args.triplets, image_root=args.image_root))
-    feats = encode_triplets(composer, triplets, progress=not args.no_progress)
-    parts: List[Tuple[torch.Tensor, List[str]]] = []
-    if args.corpus:
-        parts.append(corpus_features(composer, args.corpus, args.cache_dir or args.out / "features",
-                                     progress=not args.no_progress))
-    if cfg.include_triplet_images:
-        parts.extend(triplet_bank_parts(feats, [bool(r.target) for r in triplets]))
-    bank = build_bank(parts, cfg.dedup_threshold, progress=not args.no_progress)
-    total = sum(len(p[0]) for p in parts)
-    print(f"bank: {len(bank.ids)} images after deduplication ({total - len(bank.ids)} merged at cosine >= {cfg.dedup_threshold})")
-    train_bank(composer, feats, bank, cfg, output_dir=args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"bank-stage model: {args.out / 'model'}")
-    return 0

@@ -11,7 +11,6 @@ changes the weights, so the demo and the tests train it once per machine.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -30,11 +29,15 @@ from torch import nn
 
 from ..checkpoint import atomic_write_json
 from ..config import Config
-from ..losses import clip_contrastive
+from ..losses import clamped_scale, clip_contrastive
 from ..models.backbone import Backbone, load_backbone
 from .engine import TrainConfig, Trainer, TrainTask
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["PRESETS", "ClipPretrainConfig", "ClipPretrainModule", "ClipPretrainTask", "FolderCaptionSource",
+           "ShapesCaptionSource", "config_key", "default_cache_dir", "evaluate_text_to_image", "pretrain",
+           "pretrained_tiny_clip"]
 
 
 @dataclasses.dataclass
@@ -181,9 +184,9 @@ class ClipPretrainTask(TrainTask):
         pixels = self.backbone.pixels_from_uint8(images) if isinstance(images, np.ndarray) else images
         return {"pixels": pixels, "ids": self.backbone.tokenize(captions)}
 
-    def loss(self, outputs: Dict[str, torch.Tensor], batch: Any, step: int):
+    def loss(self, outputs: Dict[str, torch.Tensor], batch: Any, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Symmetric InfoNCE with the learnable temperature (clamped at 100 as in CLIP)."""
-        scale = outputs["logit_scale"].exp().clamp(max=100)
+        scale = clamped_scale(outputs["logit_scale"])
         return clip_contrastive(outputs["image"], outputs["text"], scale), {"scale": float(scale.detach())}
 
 
@@ -262,33 +265,3 @@ def pretrained_tiny_clip(preset: str = "default", cache_dir: Optional[Path] = No
     report = pretrain(cfg, folder, resume=True, progress=progress)
     shutil.rmtree(folder / "training", ignore_errors=True)
     return folder / "backbone", report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """CLI arguments of ``zscir pretrain-clip``."""
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="training budget preset")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the user cache)")
-    parser.add_argument("--captions", default=None, help="JSONL of {image, caption} to train on instead of the shapes world")
-    parser.add_argument("--image-root", default=None, help="folder the caption file's image paths are relative to")
-    parser.add_argument("--steps", type=int, default=None, help="override the number of steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a state exists")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``zscir pretrain-clip``."""
-    cfg = PRESETS[args.preset]
-    cfg = dataclasses.replace(cfg, world_seed=args.seed, captions_file=args.captions, image_root=args.image_root,
-                              train=dataclasses.replace(cfg.train, seed=args.seed,
-                                                        steps=args.steps or cfg.train.steps))
-    if args.out is None and args.captions is None and args.steps is None:
-        folder, report = pretrained_tiny_clip(args.preset, seed=args.seed)
-    else:
-        out = args.out or default_cache_dir() / "tiny_clip" / f"custom-{config_key(cfg)}"
-        report = pretrain(cfg, out, resume=not args.no_resume)
-        folder = out / "backbone"
-    print(f"backbone folder: {folder}")
-    ev = report.get("heldout_text_to_image")
-    if ev:
-        print(f"held-out text->image R@1 {ev['R@1']:.3f}  R@5 {ev['R@5']:.3f}  (train {report['train_seconds']:.0f}s)")
-    return 0

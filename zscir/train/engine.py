@@ -60,27 +60,6 @@ class TrainConfig(Config):
     log_every: int = 10
 
 
-def add_train_arguments(parser: Any) -> None:
-    """The optimisation flags every training command shares (override the JSON config)."""
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--save-every", type=int, default=None, help="steps between resumable checkpoints")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/state")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def train_config_from_args(train: "TrainConfig", args: Any) -> "TrainConfig":
-    """`train` with the command-line overrides of :func:`add_train_arguments` applied."""
-    for name in ("steps", "batch_size", "lr", "save_every", "mixed_precision", "seed"):
-        value = getattr(args, name, None)
-        if value is not None:
-            train = dataclasses.replace(train, **{name: value})
-    return train
-
-
 class TrainTask(abc.ABC):
     """What a stage supplies to the engine."""
 
@@ -194,7 +173,22 @@ def _grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _rng_state() -> Dict[str, Any]:
-    return {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()[1].tolist())}
+    """The python and numpy global RNG states as JSON (torch's go to safetensors)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": _jsonable(random.getstate()),
+            "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached_gaussian)}}
+
+
+def _set_rng_state(rng: Dict[str, Any]) -> None:
+    """Restore what :func:`_rng_state` returned."""
+    random.setstate(_to_tuple(rng["python"]))
+    state = rng.get("numpy")
+    if isinstance(state, dict):
+        np.random.set_state((state["name"], np.asarray(state["keys"], dtype=np.uint32), state["pos"],
+                             state["has_gauss"], state["cached_gaussian"]))
+    else:  # states written before the numpy position was saved: the key array alone cannot resume the stream
+        logger.debug("this training state lacks the full numpy RNG state; numpy draws will not continue the run")
 
 
 def _jsonable(x: Any) -> Any:
@@ -273,6 +267,8 @@ class Trainer:
         for key, value in self.task.extra_state().items():
             tensors[f"extra.{key}"] = value
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.accelerator.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.accelerator.device)
         meta = {
             "step": self.step,
             "config": self.cfg.to_dict(),
@@ -332,7 +328,9 @@ class Trainer:
         if extra:
             self.task.load_extra_state(extra)
         torch.set_rng_state(tensors["rng.torch"])
-        random.setstate(_to_tuple(meta["rng"]["python"]))
+        if "rng.cuda" in tensors and self.accelerator.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.accelerator.device)
+        _set_rng_state(meta["rng"])
         self.step = int(meta["step"])
         self.history = list(meta["history"])
 

@@ -15,38 +15,37 @@ in-batch targets plus *hard negatives*, each a switchable, weighted component
 * ``mined``: top-ranked non-targets for each query among cached corpus image
   features, re-mined with the current model every ``refresh_every`` steps.
 
-Entries that are near duplicates of the target (cosine >= ``dup_threshold``
-between frozen target features) are masked, never used as negatives.
-Other published ideas (MELT, SPN, DQE-CIR) plug in as further components
-(:mod:`zscir.train.components`).
+Entries that are near duplicates of the target (same target id, or cosine >=
+``dup_threshold`` between frozen target features) are masked, never used as
+negatives. The built-in negatives and other published ideas (MELT, SPN,
+DQE-CIR) are components (:mod:`zscir.train.components`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..composer import Composer
 from ..config import Config
-from ..losses import info_nce_with_negatives
+from ..losses import clamped_scale, duplicate_mask, info_nce_with_negatives
 from ..models.adapters import AdapterConfig, count_trainable
-from ..registry import Registry
-from .engine import TrainConfig, Trainer, TrainTask, add_train_arguments, train_config_from_args
+from .components import STAGE2_COMPONENTS, ComponentContext, Stage2Component
+from .engine import TrainConfig, Trainer, TrainTask
+from .features import Corpus, TripletFeatures
 
 if TYPE_CHECKING:
     from ..data.triplets import TripletSet
 
 logger = logging.getLogger(__name__)
 
-STAGE2_COMPONENTS: Registry = Registry("stage-2 component")
+__all__ = ["Stage2Config", "Stage2Module", "Stage2Task", "fit_to_context", "prepare_stage2", "train_stage2"]
 
 
 @dataclasses.dataclass
@@ -71,75 +70,6 @@ class Stage2Config(Config):
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(steps=300, batch_size=128, lr=3e-3, weight_decay=0.01, warmup_steps=30)
     )
-
-
-@dataclasses.dataclass
-class TripletFeatures:
-    """Frozen features of a triplet set: reference pooled/patches, target embedding, texts and kinds."""
-
-    ref_pooled: torch.Tensor  # [N, D]
-    ref_patches: Optional[torch.Tensor]  # [N, P, D]
-    target: torch.Tensor  # [N, D] normalised
-    modifications: List[str]
-    kinds: List[str]
-    ref_ids: List[str]
-    target_ids: List[str]
-
-    def __len__(self) -> int:
-        return len(self.modifications)
-
-    def target_codes(self) -> torch.Tensor:
-        """An integer per triplet, equal for triplets that share the same target image/caption."""
-        codes: Dict[str, int] = {}
-        return torch.tensor([codes.setdefault(t, len(codes)) for t in self.target_ids], dtype=torch.long)
-
-
-@dataclasses.dataclass
-class Corpus:
-    """Cached, normalised image features of a gallery/training corpus (for mining and bank negatives)."""
-
-    features: torch.Tensor  # [M, D]
-    ids: List[str]
-
-
-class Stage2Component:
-    """A pluggable part of the Stage-II objective (negatives, weights, extra losses)."""
-
-    name = "component"
-
-    def __init__(self, task: "Stage2Task", options: Dict[str, Any]) -> None:
-        self.task = task
-        self.options = options
-
-    def modules(self) -> Dict[str, nn.Module]:
-        """Trainable sub-modules this component adds (trained with the adapters)."""
-        return {}
-
-    def forward(self, module: "Stage2Module", batch: Dict[str, Any], out: Dict[str, torch.Tensor]) -> None:
-        """Add per-sample outputs to ``out`` inside the module's forward (runs sharded per rank)."""
-
-    def extra_negatives(self, out: Dict[str, torch.Tensor], batch: Dict[str, Any]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """Per-row extra negative features [B, M, D] and a drop-mask [B, M], for the main InfoNCE."""
-        return None
-
-    def sample_weights(self, out: Dict[str, torch.Tensor], batch: Dict[str, Any]) -> Optional[torch.Tensor]:
-        """Per-row loss weights [B] (multiplied together across components)."""
-        return None
-
-    def loss(self, out: Dict[str, torch.Tensor], batch: Dict[str, Any], step: int,
-             main_logits: torch.Tensor) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
-        """An additional loss term (already weighted) and logs."""
-        return None, {}
-
-    def on_step_end(self, step: int) -> None:
-        """Hook after each optimiser step."""
-
-    def state(self) -> Dict[str, torch.Tensor]:
-        """Non-parameter tensors to checkpoint."""
-        return {}
-
-    def load(self, tensors: Dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state`."""
 
 
 class Stage2Module(nn.Module):
@@ -190,10 +120,11 @@ class Stage2Task(TrainTask):
         if cfg.image_residual:
             composer.enable_image_residual()
             composer.residual_weight.requires_grad_(True)
+        self.context = ComponentContext(cfg, triplets, corpus, composer, self.encode_all_queries)
         self.components: List[Stage2Component] = []
         for name in cfg.components:
             cls = STAGE2_COMPONENTS.get(name)
-            self.components.append(cls(self, dict(cfg.component_options.get(name, {}))))
+            self.components.append(cls(self.context, dict(cfg.component_options.get(name, {}))))
         extra: Dict[str, nn.Module] = {}
         for comp in self.components:
             extra.update({f"{comp.name}_{k}": m for k, m in comp.modules().items()})
@@ -208,7 +139,7 @@ class Stage2Task(TrainTask):
 
     def wants_query_negatives(self) -> bool:
         """Whether any component needs query-side negatives."""
-        return any(getattr(c, "needs_query_negatives", False) for c in self.components)
+        return any(c.needs_query_negatives for c in self.components)
 
     def make_batch(self, indices: torch.Tensor, step: int) -> Dict[str, Any]:
         """Features and texts of the indexed triplets (+ derangement for query-side negatives)."""
@@ -239,14 +170,12 @@ class Stage2Task(TrainTask):
                 for r in rows
             ]
         for comp in self.components:
-            hook = getattr(comp, "prepare_batch", None)
-            if hook:
-                hook(batch, indices)
+            comp.prepare_batch(batch, indices)
         return batch
 
-    def loss(self, out: Dict[str, torch.Tensor], batch: Any, step: int):
+    def loss(self, out: Dict[str, torch.Tensor], batch: Any, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
         """InfoNCE over in-batch targets + component negatives, weights and extra terms."""
-        scale = out["log_scale"].exp().clamp(max=100)
+        scale = clamped_scale(out["log_scale"])
         q, t = out["query"], out["target"]
         dup = self.duplicates(out)
         negs, masks = [], []
@@ -275,28 +204,37 @@ class Stage2Task(TrainTask):
         return total, logs
 
     def duplicates(self, out: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, B] True where two targets are the same image (same id, or cosine >= dup_threshold)."""
-        codes = out["target_code"]
-        t = out["target"]
-        return (codes[:, None] == codes[None, :]) | ((t @ t.T) >= self.cfg.dup_threshold)
+        """[B, B] True where two targets are the same image (same id, or cosine >= dup_threshold); diagonal False."""
+        return duplicate_mask(out["target"], self.cfg.dup_threshold, out["target_code"])
 
     def on_step_end(self, step: int, module: nn.Module) -> None:
         """Run component hooks (e.g. re-mining)."""
         for comp in self.components:
             comp.on_step_end(step)
 
+    def _text_feature_owner(self) -> Optional[Stage2Component]:
+        # the shared text features are saved once, under the first component that reads them
+        return next((c for c in self.components if c.uses_text_features), None)
+
     def extra_state(self) -> Dict[str, torch.Tensor]:
-        """Checkpointed component state."""
+        """Checkpointed component state (and the text features cached at step 0, not re-encoded on resume)."""
         out = {}
+        owner, feats = self._text_feature_owner(), self.context.cached_text_features()
         for comp in self.components:
-            out.update({f"{comp.name}.{k}": v for k, v in comp.state().items()})
+            state = comp.state()
+            if comp is owner and feats is not None:
+                state = {**state, "text_features": feats}
+            out.update({f"{comp.name}.{k}": v for k, v in state.items()})
         return out
 
     def load_extra_state(self, tensors: Dict[str, torch.Tensor]) -> None:
         """Restore component state."""
         for comp in self.components:
             prefix = f"{comp.name}."
-            comp.load({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if "text_features" in state:
+                self.context.set_text_features(state.pop("text_features"))
+            comp.load(state)
 
     @torch.no_grad()
     def encode_all_queries(self, batch_size: int = 256) -> torch.Tensor:
@@ -313,113 +251,6 @@ class Stage2Task(TrainTask):
                                           t.modifications[sl]))
         self.module.train(was)
         return torch.cat(out)
-
-
-@STAGE2_COMPONENTS.register("reference")
-class ReferenceNegative(Stage2Component):
-    """The reference image is a negative for its own query (masked when it is a near duplicate of the target)."""
-
-    name = "reference"
-
-    def extra_negatives(self, out, batch):
-        """[B, 1, D] reference features."""
-        ref = out["reference"]
-        dup = (ref * out["target"]).sum(-1, keepdim=True) >= self.task.cfg.dup_threshold
-        return ref.unsqueeze(1), dup
-
-
-@STAGE2_COMPONENTS.register("query_negative")
-class QueryNegative(Stage2Component):
-    """Target-to-query InfoNCE where the same reference with another modification is a negative query."""
-
-    name = "query_negative"
-    needs_query_negatives = True
-
-    def loss(self, out, batch, step, main_logits):
-        """Weighted CE of t_i over [q_i, q'_i, other queries], on the rows that have a q'_i."""
-        rows = (out["has_query_neg"] > 0).nonzero().squeeze(1) if "query_neg" in out else None
-        if rows is None or not len(rows):
-            return None, {}
-        scale = out["log_scale"].exp().clamp(max=100)
-        q, qn, t = out["query"], out["query_neg"], out["target"]
-        logits = scale * t @ q.T
-        dup = self.task.duplicates(out)
-        eye = torch.eye(len(t), dtype=torch.bool, device=t.device)
-        logits = logits.masked_fill(dup & ~eye, float("-inf"))
-        neg = scale * (t * qn).sum(-1, keepdim=True)
-        ce = F.cross_entropy(torch.cat([logits, neg], dim=1)[rows], rows)
-        w = self.task.cfg.query_negative_weight
-        return w * ce, {"query_negative": float(ce.detach())}
-
-
-@STAGE2_COMPONENTS.register("mined")
-class MinedNegatives(Stage2Component):
-    """Top-ranked non-target corpus images for each query, re-mined every ``refresh_every`` steps."""
-
-    name = "mined"
-
-    def __init__(self, task, options):
-        super().__init__(task, options)
-        if task.corpus is None:
-            raise ValueError("the 'mined' component needs a corpus of cached image features (corpus=...)")
-        self.table: Optional[torch.Tensor] = None  # [N, pool] corpus indices
-
-    def refresh(self) -> None:
-        """Re-rank the corpus for every triplet with the current model."""
-        from ..search.exact import exact_topk
-
-        cfg = self.task.cfg
-        queries = self.task.encode_all_queries()
-        corpus = self.task.corpus.features
-        k = min(cfg.mined_pool + 8, len(corpus))
-        _, idx = exact_topk(queries, corpus, k)
-        tgt = self.task.triplets.target
-        # drop near duplicates of the target (false negatives)
-        sims = torch.einsum("nd,nkd->nk", tgt, corpus[idx])
-        idx = idx.masked_fill(sims >= cfg.dup_threshold, -1)
-        table = torch.full((len(idx), cfg.mined_pool), -1, dtype=torch.long)
-        for i in range(len(idx)):
-            keep = idx[i][idx[i] >= 0][: cfg.mined_pool]
-            table[i, : len(keep)] = keep
-        self.table = table
-
-    def prepare_batch(self, batch, indices):
-        """Attach this batch's mined negatives (sampled from each query's pool)."""
-        if self.table is None:
-            self.refresh()
-        cfg = self.task.cfg
-        g = torch.Generator().manual_seed(cfg.train.seed * 31 + batch["step"])
-        pool = self.table[indices]
-        pick = torch.randint(0, cfg.mined_pool, (len(indices), cfg.mined_per_query), generator=g)
-        chosen = torch.gather(pool, 1, pick)
-        valid = chosen >= 0
-        feats = self.task.corpus.features[chosen.clamp_min(0)]
-        batch["mined"] = feats.to(batch["target"].device)
-        batch["mined_invalid"] = (~valid).to(batch["target"].device)
-
-    def forward(self, module, batch, out):
-        """Pass mined features through (gathered with the batch)."""
-        out["mined"] = batch["mined"]
-        out["mined_invalid"] = batch["mined_invalid"]
-
-    def extra_negatives(self, out, batch):
-        """[B, M, D] mined negatives and their invalid-slot mask."""
-        feats = out["mined"]
-        return feats, out["mined_invalid"]
-
-    def state(self):
-        """The current mined table (so a resumed run uses the same negatives)."""
-        return {} if self.table is None else {"table": self.table}
-
-    def load(self, tensors):
-        """Restore the mined table."""
-        if "table" in tensors:
-            self.table = tensors["table"]
-
-    def on_step_end(self, step):
-        """Re-mine every refresh_every steps."""
-        if step % self.task.cfg.refresh_every == 0:
-            self.refresh()
 
 
 def prepare_stage2(composer: Composer, adapters: AdapterConfig) -> Composer:
@@ -447,115 +278,9 @@ def train_stage2(composer: Composer, triplets: TripletFeatures, cfg: Stage2Confi
     return composer, result
 
 
-@torch.no_grad()
-def encode_triplets(composer: Composer, triplets: Any, batch_size: int = 64, progress: bool = True) -> TripletFeatures:
-    """Frozen features of a :class:`zscir.data.triplets.TripletSet` (images loaded robustly)."""
-    from tqdm.auto import tqdm
-
-    refs, patches, targets = [], [], []
-    rows = list(triplets)
-    for s in tqdm(range(0, len(rows), batch_size), desc="encode triplets", disable=not progress):
-        chunk = rows[s: s + batch_size]
-        ref_imgs = [triplets.open_image(r.reference) for r in chunk]
-        pooled, pt = composer.image_features(ref_imgs)
-        refs.append(pooled)
-        if pt is not None:
-            patches.append(pt)
-        tgt = torch.empty(len(chunk), composer.backbone.embed_dim)
-        img_rows = [i for i, r in enumerate(chunk) if r.target]
-        txt_rows = [i for i, r in enumerate(chunk) if not r.target]
-        if img_rows:
-            imgs = [triplets.open_image(chunk[i].target) for i in img_rows]
-            tgt[img_rows] = composer.encode_images(imgs).cpu()
-        if txt_rows:
-            tgt[txt_rows] = composer.encode_texts([chunk[i].target_caption for i in txt_rows]).cpu()
-        targets.append(tgt)
-    return TripletFeatures(
-        torch.cat(refs).cpu(), torch.cat(patches).cpu() if patches else None, torch.cat(targets),
-        [r.modification for r in rows], [r.kind or "" for r in rows], [str(r.reference) for r in rows],
-        [str(r.target or r.target_caption) for r in rows],
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """CLI arguments of ``zscir train-stage2``."""
-    parser.add_argument("--model", required=True, type=Path, help="Stage-I model folder")
-    parser.add_argument("--triplets", required=True, help="triplets (.jsonl, .csv, or a Hugging Face dataset path)")
-    parser.add_argument("--image-root", default=None, help="folder the triplet image paths are relative to")
-    parser.add_argument("--device", default=None, help="cuda or cpu for feature encoding (default: cuda when available)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (model in OUT/model)")
-    parser.add_argument("--config", type=Path, default=None, help="Stage2Config JSON")
-    parser.add_argument("--adapter", choices=["bottleneck", "lora", "full"], default=None)
-    parser.add_argument("--adapter-layers", type=int, default=None)
-    parser.add_argument("--adapter-rank", type=int, default=None)
-    parser.add_argument("--components", default=None, help="comma-separated Stage-II components, e.g. reference,query_negative")
-    parser.add_argument("--corpus", default=None, help="image folder whose features serve as mined/bank negatives")
-    add_train_arguments(parser)
-
-
-def config_from_args(args: argparse.Namespace) -> Stage2Config:
-    """Stage2Config from a JSON file and overrides."""
-    cfg = Stage2Config.from_json(args.config) if args.config else Stage2Config()
-    train = train_config_from_args(cfg.train, args)
-    ad = cfg.adapters
-    if args.adapter:
-        ad = dataclasses.replace(ad, kind=args.adapter)
-    if args.adapter_layers:
-        ad = dataclasses.replace(ad, num_layers=args.adapter_layers)
-    if args.adapter_rank:
-        ad = dataclasses.replace(ad, rank=args.adapter_rank)
-    cfg = dataclasses.replace(cfg, train=train, adapters=ad)
-    if args.components is not None:
-        cfg = dataclasses.replace(cfg, components=tuple(c for c in args.components.split(",") if c))
-    return cfg
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``zscir train-stage2``."""
-    from ..data.triplets import load_triplets
-
-    cfg = config_from_args(args)
-    from ..models.backbone import default_device
-
-    composer = Composer.from_pretrained(args.model, device=args.device or default_device())
-    triplets = fit_to_context(composer, load_triplets(args.triplets, image_root=args.image_root))
-    feats = encode_triplets(composer, triplets, progress=not args.no_progress)
-    corpus = None
-    if args.corpus:
-        from .bank import corpus_features  # cached on disk; corrupt corpus images are logged and skipped
-
-        corpus = Corpus(*corpus_features(composer, args.corpus, args.out / "features", progress=not args.no_progress))
-    train_stage2(composer, feats, cfg, corpus=corpus, output_dir=args.out, resume=args.resume,
-                 progress=not args.no_progress)
-    print(f"stage II model: {args.out / 'model'}")
-    return 0
-
-
 def fit_to_context(composer: Composer, triplets: "TripletSet") -> "TripletSet":
     """The triplet set with modification texts shortened to fit the text tower once placed in the query prompt."""
     cfg = composer.config
     prompt = cfg.query_prompt.replace("{modification}", "").replace(cfg.placeholder, "")
     overhead = len(composer.backbone.tokenizer([prompt])[0].nonzero()) + composer.phi.config.total_tokens
     return triplets.truncate_to_context(composer.backbone.tokenizer, composer.backbone.context_length, overhead)
-
-
-@torch.no_grad()
-def shapes_triplet_features(composer: Composer, edits: Sequence[Any], image_size: int = 64,
-                            batch_size: int = 256) -> TripletFeatures:
-    """Frozen features of shapes-world edits (reference/target scenes rendered in memory)."""
-    from ..shapes import render_array
-
-    bb = composer.backbone
-    refs, patches, targets = [], [], []
-    for s in range(0, len(edits), batch_size):
-        chunk = edits[s: s + batch_size]
-        f = bb.encode_image(bb.pixels_from_uint8(render_array([e.source for e in chunk], image_size)))
-        refs.append(f.pooled)
-        patches.append(f.patches)
-        g = bb.encode_image(bb.pixels_from_uint8(render_array([e.target for e in chunk], image_size)), with_patches=False)
-        targets.append(F.normalize(g.pooled, dim=-1))
-    return TripletFeatures(torch.cat(refs), torch.cat(patches), torch.cat(targets), [e.text for e in edits],
-                           [e.kind for e in edits], [e.source.key for e in edits], [e.target.key for e in edits])
-
-
-from . import components  # noqa: E402,F401  (registers the MELT / SPN / DQE-CIR components)

@@ -1,0 +1,173 @@
+"""Frozen CLIP features that training reads: containers and the helpers that encode them.
+
+Stage I trains on a :class:`FeatureSource` (pooled + patch features of
+unlabeled images), Stage II on :class:`TripletFeatures` (reference, target,
+texts of a triplet set), mining and the SPN bank on a :class:`Corpus`. All are
+computed once with the frozen backbone; the on-disk cache of folder images is
+:class:`zscir.data.features.FeatureCache`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..composer import Composer
+
+__all__ = [
+    "Corpus", "FeatureSource", "TripletFeatures", "corpus_features", "encode_triplets", "shapes_features",
+    "shapes_triplet_features", "text_features",
+]
+
+
+class FeatureSource:
+    """Cached image features addressable by index: pooled [N, D] and optional patches [N, P, D]."""
+
+    def __init__(self, pooled: Any, patches: Any = None, indices: Optional[np.ndarray] = None) -> None:
+        self.pooled, self.patches = pooled, patches
+        self.indices = np.arange(len(pooled)) if indices is None else np.asarray(indices)
+        if len(self.indices) == 0:
+            raise ValueError("the image corpus is empty (no valid image features)")
+
+    @classmethod
+    def from_cache(cls, cache: Any) -> "FeatureSource":
+        """Valid rows of a :class:`zscir.data.features.FeatureCache`."""
+        return cls(cache.pooled, cache.patches, cache.valid_indices())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get(self, idx: Sequence[int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Float32 pooled and patch features of the given rows."""
+        rows = np.sort(self.indices[np.asarray(idx)])  # sorted reads are faster on memmaps
+        order = np.argsort(np.argsort(self.indices[np.asarray(idx)]))
+        pooled = torch.as_tensor(np.asarray(self.pooled[rows]), dtype=torch.float32)[order]
+        patches = None
+        if self.patches is not None:
+            patches = torch.as_tensor(np.asarray(self.patches[rows]), dtype=torch.float32)[order]
+        return pooled, patches
+
+
+@dataclasses.dataclass
+class TripletFeatures:
+    """Frozen features of a triplet set: reference pooled/patches, target embedding, texts and kinds."""
+
+    ref_pooled: torch.Tensor  # [N, D]
+    ref_patches: Optional[torch.Tensor]  # [N, P, D]
+    target: torch.Tensor  # [N, D] normalised
+    modifications: List[str]
+    kinds: List[str]
+    ref_ids: List[str]
+    target_ids: List[str]
+
+    def __len__(self) -> int:
+        return len(self.modifications)
+
+    def target_codes(self) -> torch.Tensor:
+        """An integer per triplet, equal for triplets that share the same target image/caption."""
+        codes: Dict[str, int] = {}
+        return torch.tensor([codes.setdefault(t, len(codes)) for t in self.target_ids], dtype=torch.long)
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Cached, normalised image features of a gallery/training corpus (for mining and bank negatives)."""
+
+    features: torch.Tensor  # [M, D]
+    ids: List[str]
+
+
+@torch.no_grad()
+def shapes_features(composer: Composer, scenes: Sequence[Any], image_size: int, batch_size: int = 256,
+                    progress: bool = False) -> FeatureSource:
+    """In-memory features of shapes-world scenes (rendered on the fly)."""
+    from tqdm.auto import tqdm
+
+    from ..shapes import render_array
+
+    bb = composer.backbone
+    pooled, patches = [], []
+    for s in tqdm(range(0, len(scenes), batch_size), desc="encode images", disable=not progress):
+        feats = bb.encode_image(bb.pixels_from_uint8(render_array(scenes[s: s + batch_size], image_size)))
+        pooled.append(feats.pooled)
+        patches.append(feats.patches)
+    return FeatureSource(torch.cat(pooled).numpy(), torch.cat(patches).numpy())
+
+
+@torch.no_grad()
+def shapes_triplet_features(composer: Composer, edits: Sequence[Any], image_size: int = 64,
+                            batch_size: int = 256) -> TripletFeatures:
+    """Frozen features of shapes-world edits (reference/target scenes rendered in memory)."""
+    from ..shapes import render_array
+
+    bb = composer.backbone
+    refs, patches, targets = [], [], []
+    for s in range(0, len(edits), batch_size):
+        chunk = edits[s: s + batch_size]
+        f = bb.encode_image(bb.pixels_from_uint8(render_array([e.source for e in chunk], image_size)))
+        refs.append(f.pooled)
+        patches.append(f.patches)
+        g = bb.encode_image(bb.pixels_from_uint8(render_array([e.target for e in chunk], image_size)), with_patches=False)
+        targets.append(F.normalize(g.pooled, dim=-1))
+    return TripletFeatures(torch.cat(refs), torch.cat(patches), torch.cat(targets), [e.text for e in edits],
+                           [e.kind for e in edits], [e.source.key for e in edits], [e.target.key for e in edits])
+
+
+@torch.no_grad()
+def encode_triplets(composer: Composer, triplets: Any, batch_size: int = 64, progress: bool = True) -> TripletFeatures:
+    """Frozen features of a :class:`zscir.data.triplets.TripletSet` (images loaded robustly)."""
+    from tqdm.auto import tqdm
+
+    refs, patches, targets = [], [], []
+    rows = list(triplets)
+    for s in tqdm(range(0, len(rows), batch_size), desc="encode triplets", disable=not progress):
+        chunk = rows[s: s + batch_size]
+        ref_imgs = [triplets.open_image(r.reference) for r in chunk]
+        pooled, pt = composer.image_features(ref_imgs)
+        refs.append(pooled)
+        if pt is not None:
+            patches.append(pt)
+        tgt = torch.empty(len(chunk), composer.backbone.embed_dim)
+        img_rows = [i for i, r in enumerate(chunk) if r.target]
+        txt_rows = [i for i, r in enumerate(chunk) if not r.target]
+        if img_rows:
+            imgs = [triplets.open_image(chunk[i].target) for i in img_rows]
+            tgt[img_rows] = composer.encode_images(imgs).cpu()
+        if txt_rows:
+            tgt[txt_rows] = composer.encode_texts([chunk[i].target_caption for i in txt_rows]).cpu()
+        targets.append(tgt)
+    return TripletFeatures(
+        torch.cat(refs).cpu(), torch.cat(patches).cpu() if patches else None, torch.cat(targets),
+        [r.modification for r in rows], [r.kind or "" for r in rows], [str(r.reference) for r in rows],
+        [str(r.target or r.target_caption) for r in rows],
+    )
+
+
+def corpus_features(composer: Composer, folder: Any, cache_dir: Path, progress: bool = True) -> Tuple[torch.Tensor, List[str]]:
+    """Normalised pooled features and paths of every decodable image under ``folder`` (cached on disk)."""
+    from ..data.features import FeatureCache
+    from ..data.images import list_images
+
+    paths = list_images(folder)
+    if not paths:
+        raise ValueError(f"--corpus {folder}: no images found")
+    cache = FeatureCache.build(composer.backbone, paths, cache_dir, with_patches=False, progress=progress)
+    valid = cache.valid_indices()
+    feats = torch.from_numpy(cache.pooled[valid].astype("float32"))
+    return F.normalize(feats, dim=-1), [cache.paths[i] for i in valid.tolist()]
+
+
+@torch.no_grad()
+def text_features(backbone: Any, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
+    """Normalised float32 text features [N, D] of ``texts`` with the backbone in eval mode (empty texts as " ")."""
+    texts = list(texts)
+    was = backbone.training
+    backbone.eval()
+    parts = [backbone.encode_text([t or " " for t in texts[s: s + batch_size]], normalize=True).float()
+             for s in range(0, len(texts), batch_size)]
+    backbone.train(was)
+    return torch.cat(parts) if parts else torch.empty(0, backbone.embed_dim)
