@@ -10,9 +10,11 @@ import hashlib
 import io
 import json
 import os
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,19 @@ def write_number_png(path: Path, number: int) -> None:
     """Write an 8x8 PNG whose colour encodes `number`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8), (number % 256, number // 256, MARKER_BLUE)).save(path, format="PNG")
+
+
+def number_png_bytes(number: int) -> bytes:
+    """The bytes of an 8x8 PNG whose colour encodes `number` (as write_number_png), built without PIL: fast."""
+    if not 0 <= number < 65536:
+        raise ValueError(f"image numbers are 16-bit, got {number}")
+    row = b"\x00" + bytes((number % 256, number // 256, MARKER_BLUE)) * 8  # filter byte + 8 RGB pixels
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)  # 8x8, 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * 8)) + chunk(b"IEND", b"")
 
 
 def placeholder_png_bytes() -> bytes:
@@ -278,3 +293,98 @@ def make_generic(root: Path, with_gallery: bool = False) -> FixtureFolder:
 def scripted_ranking(fx: FixtureFolder, ids: Sequence[object]) -> List[int]:
     """Image numbers for a script, given image ids best first."""
     return [fx.number_of[i] for i in ids]
+
+
+# ------------------------------------------------------------------ real annotation roots
+REAL_SPLITS: Dict[str, Tuple[str, ...]] = {"fashioniq": ("val", "test"), "cirr": ("val", "test1"), "circo": ("val", "test")}
+CIRCO_DISTRACTORS = 60  # COCO ids no annotation mentions, so the CIRCO gallery has distractors
+
+
+@dataclass
+class RealRoots:
+    """Benchmark roots over the real annotation files, with an image file under every name they list."""
+
+    roots: Dict[str, Path]
+    name_of: Dict[int, object] = field(default_factory=dict)  # image number -> image id (numbered images only)
+
+
+class _ImageWriter:
+    """Places one image file per path: hard links to one grey PNG, or (numbered) a PNG encoding each id's number."""
+
+    def __init__(self, base: Path, numbered: bool) -> None:
+        self.numbered = numbered
+        self.placeholder = base / "placeholder.png"
+        self.placeholder.write_bytes(placeholder_png_bytes())
+        self.number_of: Dict[object, int] = {}
+        self.made: set = set()
+
+    def place(self, items: Iterable[Tuple[Path, object]]) -> None:
+        """Write an image at each path (named by its image id), once per path."""
+        data = None
+        for path, image_id in items:
+            if path in self.made:
+                continue
+            self.made.add(path)
+            if path.parent not in self.made:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.made.add(path.parent)
+            if self.numbered:
+                number = self.number_of.setdefault(image_id, len(self.number_of))
+                path.write_bytes(number_png_bytes(number))
+                continue
+            try:  # hard links: much faster than 30k writes
+                os.link(self.placeholder, path)
+            except OSError:
+                data = data if data is not None else self.placeholder.read_bytes()
+                path.write_bytes(data)
+
+
+def build_real_roots(base: Path, annotations: Path, numbered: bool = False,
+                     splits: Optional[Mapping[str, Sequence[str]]] = None) -> RealRoots:
+    """FashionIQ, CIRR and CIRCO roots in `base` over the real files in `annotations`, images for `splits`.
+
+    The annotation folders are linked in; every image the chosen splits list
+    gets a file: one shared grey placeholder, or with `numbered` a distinct PNG
+    whose colour encodes a number (``name_of`` maps it back to the image id).
+    The CIRCO image list holds the ids of both CIRCO splits plus distractors.
+    """
+    splits = dict(REAL_SPLITS, **(splits or {}))
+    writer = _ImageWriter(base, numbered)
+    roots: Dict[str, Path] = {}
+
+    fiq = base / "fashioniq"
+    fiq.mkdir()
+    for sub in ("captions", "image_splits"):
+        os.symlink(annotations / "fashioniq" / sub, fiq / sub)
+    names: Dict[str, None] = {}
+    for split in splits["fashioniq"]:
+        for split_file in sorted((annotations / "fashioniq" / "image_splits").glob(f"split.*.{split}.json")):
+            names.update(dict.fromkeys(json.loads(split_file.read_text())))
+    writer.place((fiq / "images" / f"{n}.png", n) for n in names)
+    roots["fashioniq"] = fiq
+
+    cirr = base / "cirr"
+    cirr.mkdir()
+    for sub in ("captions", "image_splits"):
+        os.symlink(annotations / "cirr" / sub, cirr / sub)
+    for split in splits["cirr"]:
+        rel = json.loads((annotations / "cirr" / "image_splits" / f"split.rc2.{split}.json").read_text())
+        writer.place((cirr / "img_raw" / r, n) for n, r in rel.items())
+    roots["cirr"] = cirr
+
+    circo = base / "circo"
+    circo.mkdir()
+    os.symlink(annotations / "circo" / "annotations", circo / "annotations")
+    ids = set()
+    for split in REAL_SPLITS["circo"]:
+        for row in json.loads((annotations / "circo" / "annotations" / f"{split}.json").read_text()):
+            ids.add(row["reference_img_id"])
+            ids.update(row.get("gt_img_ids", []))
+    extra = [900000000 + i for i in range(CIRCO_DISTRACTORS)]
+    images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in sorted(ids) + extra]
+    info = circo / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
+    info.parent.mkdir(parents=True)
+    info.write_text(json.dumps({"images": images}))
+    writer.place((circo / "COCO2017_unlabeled" / "unlabeled2017" / im["file_name"], im["id"]) for im in images)
+    roots["circo"] = circo
+    return RealRoots(roots, {number: image_id for image_id, number in writer.number_of.items()})

@@ -8,23 +8,22 @@ so rankings follow the documented tie rule (gallery order) and the expected
 metrics can be computed directly from the annotation files.
 """
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from fixtures_cir import (
     TiedModel,
+    build_real_roots,
     make_circo,
     make_cirr,
     make_fashioniq,
     make_generic,
-    placeholder_png_bytes,
     shared_annotations_dir,
 )
 from zscir.data.benchmarks.circo import load_circo
 from zscir.data.benchmarks.cirr import load_cirr
-from zscir.data.benchmarks.fashioniq import fashioniq_texts, load_fashioniq
+from zscir.data.benchmarks.fashioniq import CAPTION_ORDER_ALIASES, CAPTION_ORDERS, fashioniq_texts, load_fashioniq
 from zscir.data.benchmarks.generic import load_generic
 from zscir.data.schema import AnnotationError
 from zscir.eval.evaluate import evaluate
@@ -47,8 +46,11 @@ def test_fashioniq_loader_fixture(tmp_path):
     assert (q.query_id, q.reference, q.targets, q.gallery) == ("dress/0", "D000", ("D001",), "dress")
     # captions stripped of ".?, " at the ends, both orders
     assert q.texts == ("is dress 0 red and has dress 0 dots", "has dress 0 dots and is dress 0 red")
-    single = load_fashioniq(tmp_path, "val", categories=["shirt"], caption_order="single")
+    single = load_fashioniq(tmp_path, "val", categories=["shirt"], caption_order="single")  # old name of c1-and-c2
     assert list(single.galleries) == ["shirt"] and single.queries[0].texts == ("is shirt 0 red and has shirt 0 dots",)
+    assert single.info["caption_order"] == "c1-and-c2"
+    pic2word = load_fashioniq(tmp_path, "val", categories=["shirt"], caption_order="pic2word")
+    assert pic2word.queries[0].texts == (" has shirt 0 dots? and is shirt 0 red.",)  # c2 first, unstripped
     test = load_fashioniq(tmp_path, "test")
     assert test.num_queries == 6 and not test.has_targets and all(q.targets == () for q in test.queries)
     assert fx.number_of["D000"] == 0
@@ -85,7 +87,11 @@ def test_fashioniq_reports_all_bad_rows_at_once(tmp_path):
 
 
 def test_fashioniq_text_options():
-    assert fashioniq_texts(["a.", "b?"], "single") == ("a and b",)
+    captions = ["is red.", " has dots? "]
+    assert fashioniq_texts(captions) == ("is red and has dots", "has dots and is red")  # SEARLE: both, stripped
+    assert fashioniq_texts(captions, "c1-and-c2") == fashioniq_texts(captions, "single") == ("is red and has dots",)
+    assert fashioniq_texts(captions, "pic2word") == (" has dots?  and is red.",)  # Pic2Word: "{c2} and {c1}" as is
+    assert set(CAPTION_ORDERS) == {"both", "c1-and-c2", "pic2word"} and CAPTION_ORDER_ALIASES == {"single": "c1-and-c2"}
     with pytest.raises(ValueError, match="caption_order"):
         fashioniq_texts(["a", "b"], "reverse")
     with pytest.raises(ValueError, match="exactly 2"):
@@ -134,6 +140,7 @@ def test_circo_loader_fixture_and_validation(tmp_path):
     val = load_circo(tmp_path, "val")
     assert val.num_queries == 3 and len(val.galleries["all"]) == 20 and not val.missing
     assert val.queries[0].targets == (1007, 1014, 1021) and val.queries[0].texts == ("has two dogs",)
+    assert [q.aspects for q in val.queries] == [("cardinality",), (), ()]
     concept = load_circo(tmp_path, "val", use_shared_concept=True)
     assert concept.queries[0].texts == ("a dog has two dogs",)
     test = load_circo(tmp_path, "test")
@@ -143,6 +150,7 @@ def test_circo_loader_fixture_and_validation(tmp_path):
         rows[1]["id"] = 0
         rows[2]["target_img_id"] = 5
         rows[0]["gt_img_ids"] = [1007, 424242]
+        rows[2]["semantic_aspects"] = "cardinality"
 
     _edit_json(tmp_path / "annotations" / "val.json", corrupt)
     with pytest.raises(AnnotationError) as info:
@@ -151,6 +159,7 @@ def test_circo_loader_fixture_and_validation(tmp_path):
     assert "val.json[1]: duplicate id 0" in message
     assert "val.json[2]: target_img_id 5 is not among gt_img_ids" in message
     assert "val.json[0]: gt_img_ids [424242] are not in image_info_unlabeled2017.json" in message
+    assert "val.json[2]: field 'semantic_aspects' must be a list of aspect names" in message
 
 
 def test_circo_missing_gallery_list_is_named(tmp_path):
@@ -214,66 +223,12 @@ needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"shared annotation fo
 FIQ_VAL_COUNTS = {"dress": 2017, "shirt": 2038, "toptee": 1961}  # published FashionIQ val sizes
 
 
-def _fill(paths, source: Path):
-    """Hard-link (or, where links fail, copy) one placeholder PNG to every path: much faster than 30k writes."""
-    made = set()
-    data = None
-    for path in paths:
-        if path.parent not in made:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            made.add(path.parent)
-        try:
-            os.link(source, path)
-        except OSError:
-            data = data if data is not None else source.read_bytes()
-            path.write_bytes(data)
-
-
 @pytest.fixture(scope="module")
 def real_roots(tmp_path_factory):
     """Benchmark roots: the real annotation folders linked in, one placeholder PNG per listed image."""
     if not REAL.is_dir():
         pytest.skip(f"shared annotation folder not found at {REAL}")
-    base = tmp_path_factory.mktemp("real")
-    png = base / "placeholder.png"
-    png.write_bytes(placeholder_png_bytes())
-    roots = {}
-
-    fiq = base / "fashioniq"
-    fiq.mkdir()
-    for sub in ("captions", "image_splits"):
-        os.symlink(REAL / "fashioniq" / sub, fiq / sub)
-    names = set()
-    for split_file in (REAL / "fashioniq" / "image_splits").glob("split.*.json"):
-        names.update(json.loads(split_file.read_text()))
-    _fill((fiq / "images" / f"{n}.png" for n in names), png)
-    roots["fashioniq"] = fiq
-
-    cirr = base / "cirr"
-    cirr.mkdir()
-    for sub in ("captions", "image_splits"):
-        os.symlink(REAL / "cirr" / sub, cirr / sub)
-    for split in ("val", "test1"):
-        rel = json.loads((REAL / "cirr" / "image_splits" / f"split.rc2.{split}.json").read_text())
-        _fill((cirr / "img_raw" / r for r in rel.values()), png)
-    roots["cirr"] = cirr
-
-    circo = base / "circo"
-    circo.mkdir()
-    os.symlink(REAL / "circo" / "annotations", circo / "annotations")
-    ids = set()
-    for split in ("val", "test"):
-        for row in json.loads((REAL / "circo" / "annotations" / f"{split}.json").read_text()):
-            ids.add(row["reference_img_id"])
-            ids.update(row.get("gt_img_ids", []))
-    extra = [900000000 + i for i in range(60)]  # ids no annotation mentions, so the gallery has distractors
-    images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in sorted(ids) + extra]
-    info = circo / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
-    info.parent.mkdir(parents=True)
-    info.write_text(json.dumps({"images": images}))
-    _fill((circo / "COCO2017_unlabeled" / "unlabeled2017" / im["file_name"] for im in images), png)
-    roots["circo"] = circo
-    return roots
+    return build_real_roots(tmp_path_factory.mktemp("real"), REAL).roots
 
 
 @needs_real
@@ -372,9 +327,10 @@ def test_real_cirr_test_submission(real_roots, tmp_path):
 def test_real_circo_val_protocol_and_test_submission(real_roots, tmp_path):
     val = load_circo(real_roots["circo"], "val")
     assert val.num_queries == 220 and not val.missing
+    rows = json.loads((REAL / "circo" / "annotations" / "val.json").read_text())
+    assert [q.aspects for q in val.queries] == [tuple(r["semantic_aspects"]) for r in rows]
     results = evaluate(TiedModel(), val, use_cache=False, progress=False, print_results=False)
     gallery = val.galleries["all"]
-    rows = json.loads((REAL / "circo" / "annotations" / "val.json").read_text())
     top50 = gallery[:50]  # full ties: every query ranks the gallery in list order, reference kept
     for k in (5, 10, 25, 50):
         aps = []

@@ -27,7 +27,8 @@ from zscir.data.schema import AnnotationError
 from zscir.data.images import load_image
 from zscir.eval import encode as E_enc
 from zscir.eval import encode_queries, gallery_cache_key, load_benchmark
-from zscir.eval.evaluate import evaluate
+from zscir.eval import protocols
+from zscir.eval.evaluate import evaluate, format_table
 from zscir.eval.protocols import EvaluationError, MissingImagesError
 from zscir.eval.submission import SubmissionError, check_circo_submission, check_cirr_submission, read_rankings
 from zscir.search import EmbeddingStore
@@ -101,21 +102,53 @@ def test_cirr_test_submission_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CIRCO
-def test_circo_val_map_matches_hand_computation(tmp_path):
-    fx = make_circo(tmp_path)
+def circo_val_script(fx):
+    """Rankings per caption; see test_circo_val_map_matches_hand_computation for what each one scores."""
     i = [1000 + 7 * k for k in range(20)]
-    script = {
+    return {
         "has two dogs": scripted_ranking(fx, [i[1], i[9], i[2], i[3]]),  # gts at 1, 3, 4
         "is at night": scripted_ranking(fx, [i[0], i[5]]),  # single gt at 2
         "is red": scripted_ranking(fx, [i[8], i[1], i[2], i[3], i[4], i[5], i[7]]),  # gt i8 at 1, target i7 at 7
     }
-    m = evaluate(ScriptedModel(fx.num_images, script), "circo", "val", root=tmp_path, **QUIET)["metrics"]
-    ap0 = (1 + 2 / 3 + 3 / 4) / 3
+
+
+CIRCO_AP10 = ((1 + 2 / 3 + 3 / 4) / 3, 1 / 2, (1 + 2 / 7) / 2)  # AP@10 of the three scripted val queries
+
+
+def test_circo_val_map_matches_hand_computation(tmp_path):
+    fx = make_circo(tmp_path)
+    m = evaluate(ScriptedModel(fx.num_images, circo_val_script(fx)), "circo", "val", root=tmp_path, **QUIET)["metrics"]
+    ap0 = CIRCO_AP10[0]
     assert m["mAP@5"] == pytest.approx(100 * (ap0 + 1 / 2 + 1 / 2) / 3)
     for k in (10, 25, 50):
         assert m[f"mAP@{k}"] == pytest.approx(100 * (ap0 + 1 / 2 + (1 + 2 / 7) / 2) / 3)
     assert m["R@5"] == pytest.approx(200 / 3)  # recall counts target_img_id only: i7 is 7th
     assert m["R@10"] == m["R@50"] == 100.0
+    # official per-aspect mAP@10: only query 0 has an aspect
+    assert [k for k in m if k.startswith("aspect/")] == ["aspect/cardinality/mAP@10"]
+    assert m["aspect/cardinality/mAP@10"] == pytest.approx(100 * ap0)
+
+
+def test_circo_per_aspect_map_order_and_table(tmp_path):
+    fx = make_circo(tmp_path)
+    path = tmp_path / "annotations" / "val.json"
+    rows = json.loads(path.read_text())
+    rows[1]["semantic_aspects"] = ["viewpoint", "cardinality"]
+    rows[2]["semantic_aspects"] = ["zz_custom", "negation"]
+    path.write_text(json.dumps(rows))
+    results = evaluate(ScriptedModel(fx.num_images, circo_val_script(fx)), "circo", "val", root=tmp_path, **QUIET)
+    aspects = {k: v for k, v in results["metrics"].items() if k.startswith("aspect/")}
+    # the official script's order, then aspects it does not know, sorted; each: mean AP@10 of its queries
+    assert list(aspects) == ["aspect/cardinality/mAP@10", "aspect/negation/mAP@10", "aspect/viewpoint/mAP@10",
+                             "aspect/zz_custom/mAP@10"]
+    ap = CIRCO_AP10
+    expected = [(ap[0] + ap[1]) / 2, ap[2], ap[1], ap[2]]
+    assert list(aspects.values()) == pytest.approx([100 * e for e in expected])
+    table = format_table(results).splitlines()
+    at = table.index("  mAP@10 per semantic aspect:")
+    assert table[at + 1:at + 5] == [f"    {name.ljust(11)}  {100 * e:7.2f}"
+                                    for name, e in zip(["cardinality", "negation", "viewpoint", "zz_custom"], expected)]
+    assert not any(line.lstrip().startswith("aspect/") for line in table)
 
 
 def test_circo_test_submission_and_shared_concept(tmp_path):
@@ -156,6 +189,11 @@ def test_fashioniq_per_category_recalls_and_both_caption_orders(tmp_path):
     single = ScriptedModel(fx.num_images, script)
     evaluate(single, "fashioniq", "val", root=tmp_path, dataset_options={"caption_order": "single"}, **QUIET)
     assert "has dress 0 dots and is dress 0 red" not in single.texts_seen and len(single.texts_seen) == 9
+    script.update({t: scripted_ranking(fx, [r["target"]]) for r in fx.val for t in fashioniq_texts(r["captions"], "pic2word")})
+    pic2word = ScriptedModel(fx.num_images, script)
+    m = evaluate(pic2word, "fashioniq", "val", root=tmp_path, dataset_options={"caption_order": "pic2word"}, **QUIET)
+    assert " has dress 0 dots? and is dress 0 red." in pic2word.texts_seen and len(pic2word.texts_seen) == 9
+    assert m["metrics"]["average"] == 100.0 and m["options"]["caption_order"] == "pic2word"
 
 
 def test_query_features_average_the_normalised_caption_orders(tmp_path):
@@ -168,6 +206,33 @@ def test_query_features_average_the_normalised_caption_orders(tmp_path):
     image = load_image(data.image_paths[q.reference])
     parts = [F.normalize(model.encode_query([image], [t]), dim=-1) for t in q.texts]
     assert torch.allclose(feats[1], F.normalize(parts[0] + parts[1], dim=-1)[0], atol=1e-6)
+
+
+def test_written_submission_files_are_checked_at_once(tmp_path, monkeypatch):
+    make_circo(tmp_path / "circo")
+    make_cirr(tmp_path / "cirr")
+    write_circo = protocols.write_circo_submission
+
+    def repeats_ids(folder, rankings, name, split):
+        path = write_circo(folder, rankings, name, split)
+        sub = json.loads(path.read_text())
+        sub["2"][1] = sub["2"][0]
+        path.write_text(json.dumps(sub))
+        return path
+
+    monkeypatch.setattr(protocols, "write_circo_submission", repeats_ids)
+    with pytest.raises(EvaluationError, match="would be rejected by the server") as info:
+        evaluate(PixelModel(), "circo", "test", root=tmp_path / "circo", submission_dir=tmp_path / "sub", **QUIET)
+    assert "query 2: repeated image ids" in str(info.value)
+
+    write_cirr = protocols.write_cirr_submission
+
+    def drops_a_pair(folder, rankings, subsets, name):
+        return write_cirr(folder, {k: v for k, v in rankings.items() if k != "201"}, subsets, name)
+
+    monkeypatch.setattr(protocols, "write_cirr_submission", drops_a_pair)
+    with pytest.raises(EvaluationError, match="1 pair id\\(s\\) missing, e.g. \\['201'\\]"):
+        evaluate(PixelModel(), "cirr", "test", root=tmp_path / "cirr", submission_dir=tmp_path / "sub", **QUIET)
 
 
 def test_fashioniq_has_no_server_format(tmp_path):
@@ -377,6 +442,19 @@ def test_cli_run_writes_results_rankings_and_submission(tmp_path, monkeypatch, c
                    "--submission", str(tmp_path / "sub"), "--no-cache", "--no-progress"])
     assert E_cli.run(args) == 0
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["zscir_cirr_recall.json", "zscir_cirr_recall_subset.json"]
+
+
+def test_cli_fiq_caption_order_spellings(tmp_path, monkeypatch, capsys):
+    make_fashioniq(tmp_path / "fiq")
+    monkeypatch.setattr(E_cli, "load_model", lambda path, device=None: PixelModel())
+    for flag, order in (("both", "both"), ("c1-and-c2", "c1-and-c2"), ("single", "c1-and-c2"), ("pic2word", "pic2word")):
+        args = _parse(["--dataset", "fashioniq", "--root", str(tmp_path / "fiq"), "--model", "m", "--no-progress",
+                       "--no-cache", "--fiq-caption-order", flag, "--out", str(tmp_path / f"{flag}.json")])
+        assert E_cli.run(args) == 0
+        assert json.loads((tmp_path / f"{flag}.json").read_text())["options"]["caption_order"] == order
+    with pytest.raises(SystemExit):
+        _parse(["--dataset", "fashioniq", "--root", "r", "--model", "m", "--fiq-caption-order", "reverse"])
+    assert "invalid choice: 'reverse'" in capsys.readouterr().err
 
 
 def test_cli_reports_data_errors_with_exit_code(tmp_path, monkeypatch, capsys):

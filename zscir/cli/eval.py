@@ -6,7 +6,7 @@ import sys
 from typing import Any, Callable, Dict, Optional
 
 from ..checkpoint import CheckpointError
-from ..data.benchmarks.fashioniq import CAPTION_ORDERS, FASHIONIQ_CATEGORIES
+from ..data.benchmarks.fashioniq import CAPTION_ORDER_ALIASES, CAPTION_ORDERS, FASHIONIQ_CATEGORIES
 from ..data.schema import AnnotationError
 from ..eval.encode import CACHE_ENV, PathLike, RetrievalModel
 from ..eval.evaluate import evaluate
@@ -49,8 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--fiq-categories", nargs="+", choices=list(FASHIONIQ_CATEGORIES),
                         default=list(FASHIONIQ_CATEGORIES), help="FashionIQ categories to evaluate")
-    parser.add_argument("--fiq-caption-order", choices=list(CAPTION_ORDERS), default="both",
-                        help="FashionIQ query text: both caption orders averaged (SEARLE/LinCIR) or 'c1 and c2' only")
+    parser.add_argument("--fiq-caption-order", choices=list(CAPTION_ORDERS) + list(CAPTION_ORDER_ALIASES),
+                        default="both",
+                        help="FashionIQ query text from captions c1, c2: 'both' = 'c1 and c2' and 'c2 and c1', captions "
+                             "stripped of '.?, ', features averaged (SEARLE/LinCIR); 'c1-and-c2' = the one text "
+                             "'c1 and c2', stripped (FashionIQ start kit, CLIP4Cir; old name 'single'); 'pic2word' = "
+                             "'c2 and c1' with the captions unstripped (Pic2Word's evaluation)")
     parser.add_argument("--circo-shared-concept", action="store_true",
                         help="CIRCO: prepend the shared concept to the relative caption")
     parser.add_argument("--keep-reference", action="store_true",

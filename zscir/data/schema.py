@@ -97,7 +97,8 @@ class CIRQuery:
     features are averaged (FashionIQ uses both caption orders).  `targets[0]` is
     the primary target (the one Recall@K counts for CIRCO); all of `targets` are
     ground truths for mAP@K.  `subset` is the CIRR group the Recall_subset protocol
-    ranks.  `gallery` names the gallery the query is ranked against.
+    ranks.  `gallery` names the gallery the query is ranked against.  `aspects`
+    are labels a protocol reports metrics per label for (CIRCO's semantic aspects).
     """
 
     query_id: str
@@ -108,6 +109,7 @@ class CIRQuery:
     kind: Optional[str] = None
     gallery: str = "all"
     source: str = ""
+    aspects: Tuple[str, ...] = ()
 
 
 @dataclass

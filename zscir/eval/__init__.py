@@ -8,10 +8,12 @@ name would hide the module).
 """
 from .encode import CACHE_ENV, RetrievalModel, default_cache_dir, encode_gallery, encode_queries, gallery_cache_key
 from .evaluate import format_table
-from .protocols import (BENCHMARKS, METRIC_GROUPINGS, RANKING_DEPTH, SUBMISSION_FORMATS, Benchmark, EvaluationError,
-                        MissingImagesError, compute_metrics, load_benchmark, rank_split, skip_reason, write_submission)
+from .protocols import (ASPECT_PREFIX, BENCHMARKS, METRIC_GROUPINGS, RANKING_DEPTH, SUBMISSION_FORMATS, Benchmark,
+                        EvaluationError, MissingImagesError, compute_metrics, load_benchmark, rank_split, skip_reason,
+                        write_submission)
 
 __all__ = [
+    "ASPECT_PREFIX",
     "BENCHMARKS",
     "Benchmark",
     "CACHE_ENV",

@@ -22,7 +22,7 @@ import torch
 from ..checkpoint import atomic_write_json
 from ..data.schema import CIRQuery, CIRSplit, ImageId
 from .encode import PathLike, RetrievalModel, default_cache_dir, encode_gallery, encode_queries
-from .protocols import (BENCHMARKS, RANKING_DEPTH, EvaluationError, MissingImagesError, compute_metrics,
+from .protocols import (ASPECT_PREFIX, BENCHMARKS, RANKING_DEPTH, EvaluationError, MissingImagesError, compute_metrics,
                         load_benchmark, rank_split, skip_reason, write_submission)
 from .submission import write_rankings
 
@@ -38,9 +38,18 @@ def format_table(results: Mapping[str, Any]) -> str:
     metrics = results.get("metrics") or {}
     if not metrics:
         lines.append("  (no ground truth on this split: no metrics; see the rankings / submission files)")
-    width = max((len(k) for k in metrics), default=0)
-    for key, value in metrics.items():
+    plain = {k: v for k, v in metrics.items() if not k.startswith(ASPECT_PREFIX)}
+    width = max((len(k) for k in plain), default=0)
+    for key, value in plain.items():
         lines.append(f"  {key.ljust(width)}  {value:7.2f}")
+    # "aspect/<aspect>/<metric>" rows as a sub-table: one line per aspect, metric name in the heading
+    aspects = [key[len(ASPECT_PREFIX):].rpartition("/") for key in metrics if key.startswith(ASPECT_PREFIX)]
+    for metric in dict.fromkeys(m for _, _, m in aspects):
+        rows = [(aspect, metrics[f"{ASPECT_PREFIX}{aspect}/{metric}"]) for aspect, _, m in aspects if m == metric]
+        lines.append(f"  {metric} per semantic aspect:")
+        name_width = max(len(aspect) for aspect, _ in rows)
+        for aspect, value in rows:
+            lines.append(f"    {aspect.ljust(name_width)}  {value:7.2f}")
     for label, key in (("rankings", "rankings_file"), ("results", "results_file")):
         if results.get(key):
             lines.append(f"  {label}: {results[key]}")

@@ -11,9 +11,14 @@ data set   metrics                                     ranking
 fashioniq  R@10, R@50 per category + their means       per-category gallery, reference kept
 cirr       R@1,5,10,50; Rsubset@1,2,3; avg(R@5,Rs@1)   split gallery, reference removed
 circo      mAP@5,10,25,50; R@5,10,25,50 (target only)  COCO unlabeled gallery, reference kept
+           mAP@10 per semantic aspect (val)
 generic    R@1,5,10,50 (any target); mAP@5,10,25,50;   folder gallery, reference removed
            per-kind recalls and their mean             unless it is a target
 =========  ==========================================  =====================================
+
+Test-server files are checked with the server's rules right after they are
+written (:func:`write_submission`), so a file the server would refuse is an
+error at evaluation time, not at upload.
 """
 from __future__ import annotations
 
@@ -21,11 +26,11 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..data.benchmarks.circo import load_circo
+from ..data.benchmarks.circo import CIRCO_SEMANTIC_ASPECTS, load_circo
 from ..data.benchmarks.cirr import load_cirr
 from ..data.benchmarks.fashioniq import load_fashioniq
 from ..data.benchmarks.generic import load_generic
@@ -33,10 +38,12 @@ from ..data.schema import CIRQuery, CIRSplit, ImageId
 from ..registry import Registry
 from ..search.exact import exact_topk
 from . import metrics as M
-from .submission import write_circo_submission, write_cirr_submission
+from .submission import (CIRCO_TOP_K, CIRR_SUBSET_TOP_K, CIRR_TOP_K, SubmissionError, check_circo_submission,
+                         check_cirr_submission, write_circo_submission, write_cirr_submission)
 
 PathLike = Union[str, "os.PathLike[str]"]
 RANKING_DEPTH = 50
+ASPECT_PREFIX = "aspect/"  # per-aspect metric keys: "aspect/<aspect>/mAP@<k>"
 _MAX_LISTED = 20
 
 
@@ -73,6 +80,8 @@ class Benchmark:
     group_by: Optional[str] = None  # a METRIC_GROUPINGS name: None, "gallery" (per gallery + mean), "kind"
     submission: Optional[str] = None  # a SUBMISSION_FORMATS name: test-server file format
     summary: Tuple[str, ...] = ()  # metrics whose mean is reported as "avg" (CIRR: R@5 and Rsubset@1)
+    aspect_map_k: Optional[int] = None  # mAP@K reported per query aspect, "aspect/<aspect>/mAP@K" (CIRCO: 10)
+    aspect_order: Tuple[str, ...] = ()  # known aspects in report order; others follow, sorted
     options: Tuple[str, ...] = field(default_factory=tuple)  # loader keyword arguments it accepts
 
 
@@ -82,7 +91,8 @@ BENCHMARKS.add("fashioniq", Benchmark("fashioniq", load_fashioniq, recall_ks=(10
 BENCHMARKS.add("cirr", Benchmark("cirr", load_cirr, recall_ks=(1, 5, 10, 50), subset_ks=(1, 2, 3), submission="cirr",
                                  summary=("R@5", "Rsubset@1")))
 BENCHMARKS.add("circo", Benchmark("circo", load_circo, recall_ks=(5, 10, 25, 50), map_ks=(5, 10, 25, 50),
-                                  submission="circo", options=("use_shared_concept",)))
+                                  submission="circo", aspect_map_k=10, aspect_order=CIRCO_SEMANTIC_ASPECTS,
+                                  options=("use_shared_concept",)))
 BENCHMARKS.add("generic", Benchmark("generic", load_generic, recall_ks=(1, 5, 10, 50), map_ks=(5, 10, 25, 50),
                                     recall_counts="any", group_by="kind", options=("exclude_reference",)))
 
@@ -171,12 +181,31 @@ def _plain_metrics(bench: Benchmark, queries: Sequence[CIRQuery], rankings: Rank
     return out
 
 
+def _per_aspect_map(bench: Benchmark, queries: Sequence[CIRQuery], rankings: Rankings) -> "OrderedDict[str, float]":
+    """``aspect/<aspect>/mAP@K``: mean AP@K over the queries that have each aspect (official CIRCO evaluation)."""
+    out: "OrderedDict[str, float]" = OrderedDict()
+    k = bench.aspect_map_k
+    if k is None:
+        return out
+    members: Dict[str, List[int]] = {}
+    for i, q in enumerate(queries):
+        for aspect in q.aspects:
+            members.setdefault(aspect, []).append(i)
+    known = [a for a in bench.aspect_order if a in members]
+    for aspect in known + sorted(set(members) - set(known)):
+        idx = members[aspect]
+        value = M.mean_average_precision_at_ks([rankings[i] for i in idx], [queries[i].targets for i in idx], [k])[k]
+        out[f"{ASPECT_PREFIX}{aspect}/mAP@{k}"] = value
+    return out
+
+
 def _overall_metrics(bench: Benchmark, queries: Sequence[CIRQuery], rankings: Rankings,
                      subset_rankings: SubsetRankings) -> "OrderedDict[str, float]":
-    """One set of metrics over all queries, plus the benchmark's summary mean as ``avg``."""
+    """One set of metrics over all queries, the benchmark's summary mean as ``avg``, and per-aspect mAP."""
     out = _plain_metrics(bench, queries, rankings, subset_rankings)
     if bench.summary:
         out["avg"] = sum(out[key] for key in bench.summary) / len(bench.summary)
+    out.update(_per_aspect_map(bench, queries, rankings))
     return out
 
 
@@ -237,7 +266,8 @@ def compute_metrics(
 
     FashionIQ: ``<category>/R@10``, ``<category>/R@50``, ``average/R@10``,
     ``average/R@50`` and ``average`` (mean of the two).  CIRR: ``R@K``,
-    ``Rsubset@K`` and ``avg`` = (R@5 + Rsubset@1) / 2.  CIRCO: ``mAP@K``, ``R@K``.
+    ``Rsubset@K`` and ``avg`` = (R@5 + Rsubset@1) / 2.  CIRCO: ``mAP@K``, ``R@K`` and,
+    when queries carry semantic aspects (val), ``aspect/<aspect>/mAP@10``.
     Generic: ``mAP@K``, ``R@K`` and, when queries have a kind,
     ``kind/<kind>/R@K`` and ``mean_over_kinds/R@K``.
     """
@@ -252,15 +282,26 @@ def compute_metrics(
 
 
 # --------------------------------------------------------------------------- submission
+def _expected_length(rankings: Mapping[str, Optional[Sequence[ImageId]]], top_k: int) -> int:
+    """The list length the server wants (top_k), or fewer when the gallery itself is smaller."""
+    return min(top_k, max((len(r) for r in rankings.values() if r is not None), default=top_k))
+
+
 def _cirr_files(folder: PathLike, rankings: Mapping[str, Sequence[ImageId]],
                 subset_rankings: Mapping[str, Optional[Sequence[ImageId]]], name: str, split: str) -> Tuple[Path, ...]:
     subsets = {k: v for k, v in subset_rankings.items() if v is not None}
-    return tuple(write_cirr_submission(folder, rankings, subsets, name))
+    recall_path, subset_path = write_cirr_submission(folder, rankings, subsets, name)
+    check_cirr_submission(recall_path, "recall", pair_ids=rankings, length=_expected_length(rankings, CIRR_TOP_K))
+    check_cirr_submission(subset_path, "recall_subset", pair_ids=subsets,
+                          length=_expected_length(subsets, CIRR_SUBSET_TOP_K))
+    return recall_path, subset_path
 
 
 def _circo_files(folder: PathLike, rankings: Mapping[str, Sequence[ImageId]],
                  subset_rankings: Mapping[str, Optional[Sequence[ImageId]]], name: str, split: str) -> Tuple[Path, ...]:
-    return (write_circo_submission(folder, rankings, name, split),)
+    path = write_circo_submission(folder, rankings, name, split)
+    check_circo_submission(path, query_ids=rankings, length=_expected_length(rankings, CIRCO_TOP_K))
+    return (path,)
 
 
 SUBMISSION_FORMATS: Registry[Callable[..., Tuple[Path, ...]]] = Registry("test-server file format")
@@ -270,13 +311,22 @@ SUBMISSION_FORMATS.add("circo", _circo_files)
 
 def write_submission(bench: Benchmark, folder: PathLike, rankings: Mapping[str, Sequence[ImageId]],
                      subset_rankings: Mapping[str, Optional[Sequence[ImageId]]], name: str, split: str) -> List[Path]:
-    """Write the benchmark's test-server files into `folder`; returns their paths."""
+    """Write the benchmark's test-server files into `folder` and check them as the server would; returns their paths.
+
+    A written file the server would reject raises :class:`EvaluationError`
+    listing its problems.
+    """
     if bench.submission is None:
         raise EvaluationError(f"{bench.name} has no test-server file format; use save_rankings (--save-rankings) instead")
-    return list(SUBMISSION_FORMATS.get(bench.submission)(folder, rankings, subset_rankings, name, split))
+    try:
+        return list(SUBMISSION_FORMATS.get(bench.submission)(folder, rankings, subset_rankings, name, split))
+    except SubmissionError as err:
+        raise EvaluationError(f"the {bench.name} submission files just written would be rejected by the server: "
+                              f"{err}") from err
 
 
 __all__ = [
+    "ASPECT_PREFIX",
     "BENCHMARKS",
     "Benchmark",
     "EvaluationError",

@@ -4,7 +4,8 @@ Layout (miccunifi/CIRCO plus the COCO 2017 unlabeled images)::
 
     <root>/annotations/{val,test}.json
         [{"id": 0, "reference_img_id": 271520, "relative_caption": "...", "shared_concept": "...",
-          "target_img_id": 355099, "gt_img_ids": [355099, ...]}, ...]       (test: no targets)
+          "target_img_id": 355099, "gt_img_ids": [355099, ...],
+          "semantic_aspects": ["cardinality", ...]}, ...]            (test: no targets, no aspects)
     <root>/COCO2017_unlabeled/annotations/image_info_unlabeled2017.json
         {"images": [{"id": 123, "file_name": "000000000123.jpg", ...}, ...]}
     <root>/COCO2017_unlabeled/unlabeled2017/<file_name>
@@ -14,6 +15,10 @@ removed, as in the official SEARLE evaluation); mAP@{5,10,25,50} over all
 ``gt_img_ids`` and Recall@{5,10,25,50} on ``target_img_id``.  The query text is
 the relative caption; ``use_shared_concept=True`` prepends the shared concept
 ("<shared concept> <relative caption>").
+
+Each val query carries its ``semantic_aspects`` (:data:`CIRCO_SEMANTIC_ASPECTS`);
+the official evaluation (miccunifi/CIRCO ``src/evaluation.py``) also reports
+mAP@10 per aspect: the mean AP@10 over the queries that have that aspect.
 """
 from __future__ import annotations
 
@@ -31,11 +36,16 @@ from ..schema import (
     read_json_file,
 )
 
-__all__ = ["CIRCO_SPLITS", "COCO_INFO_PATH", "COCO_IMAGE_DIR", "circo_text", "load_circo"]
+__all__ = ["CIRCO_SPLITS", "CIRCO_SEMANTIC_ASPECTS", "COCO_INFO_PATH", "COCO_IMAGE_DIR", "circo_text", "load_circo"]
 
 CIRCO_SPLITS: Tuple[str, ...] = ("val", "test")
 COCO_INFO_PATH = Path("COCO2017_unlabeled") / "annotations" / "image_info_unlabeled2017.json"
 COCO_IMAGE_DIR = Path("COCO2017_unlabeled") / "unlabeled2017"
+# The semantic aspects in the order the official evaluation script lists (and reports) them.
+CIRCO_SEMANTIC_ASPECTS: Tuple[str, ...] = (
+    "cardinality", "addition", "negation", "direct_addressing", "compare_change", "comparative_statement",
+    "statement_with_conjunction", "spatial_relations_background", "viewpoint",
+)
 
 
 def circo_text(relative_caption: str, shared_concept: str, use_shared_concept: bool = False) -> str:
@@ -148,6 +158,10 @@ def load_circo(root: PathLike, split: str = "val", use_shared_concept: bool = Fa
                     ok = False
                 # Target first (Recall@K counts it alone), then the other ground truths without repeats.
                 targets = tuple([target] + [g for g in dict.fromkeys(gts) if g != target])
+        aspects = row.get("semantic_aspects", [])
+        if not isinstance(aspects, list) or not all(isinstance(a, str) and a for a in aspects):
+            log.add(f"{where}: field 'semantic_aspects' must be a list of aspect names, got {aspects!r}")
+            ok = False
         if not ok:
             continue
         queries.append(
@@ -157,6 +171,7 @@ def load_circo(root: PathLike, split: str = "val", use_shared_concept: bool = Fa
                 texts=(circo_text(caption, concept, use_shared_concept),),
                 targets=targets,
                 source=where,
+                aspects=tuple(aspects),
             )
         )
     log.raise_if_any(what)

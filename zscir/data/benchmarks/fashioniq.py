@@ -9,11 +9,24 @@ Layout (as distributed by the FashionIQ authors)::
     <root>/images/<name>.png   (or .jpg / .jpeg)
 
 Protocol: each category is ranked against its own split gallery (the reference is
-not removed), Recall@10 and Recall@50 per category and their mean over
-categories.  The query text follows SEARLE / LinCIR: both caption orders
-"c1 and c2" and "c2 and c1" (each caption stripped of the characters ``.?, `` at
-its ends) are encoded and the two normalised query features averaged.
-``caption_order="single"`` gives the single "c1 and c2" query (Pic2Word style).
+not removed, as in the official code of CLIP4Cir, SEARLE and Pic2Word), Recall@10
+and Recall@50 per category and their mean over categories.
+
+Query text (``caption_order``; each query has two captions c1, c2):
+
+* ``"both"`` (default): SEARLE / LinCIR.  Both orders "c1 and c2" and "c2 and c1",
+  each caption stripped of the characters ``.?, `` at its ends (``str.strip('.?, ')``),
+  are encoded and the two normalised query features averaged and normalised again
+  (SEARLE ``src/validate.py``, ``fiq_generate_val_predictions``).
+* ``"c1-and-c2"`` (old name ``"single"``): one text "c1 and c2", captions stripped as
+  above.  The order of the FashionIQ start kit (``start_kit/data_loader.py`` joins the
+  lower-cased tokens of c1, ``<and>``, c2) and of CLIP4Cir's validation, which also
+  applies ``str.capitalize()`` to c1; zscir does not (CLIP's tokenizer lower-cases
+  anyway).
+* ``"pic2word"``: one text "c2 and c1" with the captions unstripped, as Pic2Word's
+  evaluation builds it (google-research/composed_image_retrieval ``src/data.py``,
+  ``FashionIQ.return_all``: ``'a photo of * , {} and {}'.format(cap2, cap1)``; the
+  prompt around it is the model's business).
 """
 from __future__ import annotations
 
@@ -31,29 +44,41 @@ from ..schema import (
     read_json_file,
 )
 
-__all__ = ["FASHIONIQ_CATEGORIES", "CAPTION_ORDERS", "fashioniq_texts", "load_fashioniq"]
+__all__ = ["FASHIONIQ_CATEGORIES", "CAPTION_ORDERS", "CAPTION_ORDER_ALIASES", "canonical_caption_order",
+           "fashioniq_texts", "load_fashioniq"]
 
 FASHIONIQ_CATEGORIES: Tuple[str, ...] = ("dress", "shirt", "toptee")
-CAPTION_ORDERS: Tuple[str, ...] = ("both", "single")
+CAPTION_ORDERS: Tuple[str, ...] = ("both", "c1-and-c2", "pic2word")
+CAPTION_ORDER_ALIASES: Dict[str, str] = {"single": "c1-and-c2"}  # older spellings still accepted
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg")
 SPLITS: Tuple[str, ...] = ("val", "test")
 
 
 def _clean(caption: str) -> str:
-    # SEARLE strips these characters from both ends of each caption before joining.
+    # SEARLE and CLIP4Cir strip these characters from both ends of each caption before joining.
     return caption.strip(".?, ")
 
 
+def canonical_caption_order(caption_order: str) -> str:
+    """The name in CAPTION_ORDERS for `caption_order` (an old alias maps to its current name)."""
+    name = CAPTION_ORDER_ALIASES.get(caption_order, caption_order)
+    if name not in CAPTION_ORDERS:
+        raise ValueError(f"caption_order must be one of {CAPTION_ORDERS} "
+                         f"(or an old alias: {sorted(CAPTION_ORDER_ALIASES)}), got {caption_order!r}")
+    return name
+
+
 def fashioniq_texts(captions: Sequence[str], caption_order: str = "both") -> Tuple[str, ...]:
-    """Query text(s) for a FashionIQ caption pair: both orders ("both") or only "c1 and c2" ("single")."""
+    """Query text(s) for a FashionIQ caption pair in `caption_order` (see the module docstring)."""
     if len(captions) != 2:
         raise ValueError(f"a FashionIQ query has exactly 2 captions, got {len(captions)}")
+    order = canonical_caption_order(caption_order)
+    if order == "pic2word":
+        return (f"{captions[1]} and {captions[0]}",)
     first, second = _clean(captions[0]), _clean(captions[1])
-    if caption_order == "both":
+    if order == "both":
         return (f"{first} and {second}", f"{second} and {first}")
-    if caption_order == "single":
-        return (f"{first} and {second}",)
-    raise ValueError(f"caption_order must be one of {CAPTION_ORDERS}, got {caption_order!r}")
+    return (f"{first} and {second}",)
 
 
 def load_fashioniq(
@@ -67,8 +92,7 @@ def load_fashioniq(
     what = f"FashionIQ {split} split at {root}"
     if split not in SPLITS:
         raise ValueError(f"FashionIQ split must be one of {SPLITS}, got {split!r}")
-    if caption_order not in CAPTION_ORDERS:
-        raise ValueError(f"caption_order must be one of {CAPTION_ORDERS}, got {caption_order!r}")
+    caption_order = canonical_caption_order(caption_order)
     unknown = [c for c in categories if c not in FASHIONIQ_CATEGORIES]
     if unknown or not categories:
         raise ValueError(f"FashionIQ categories must be a non-empty subset of {FASHIONIQ_CATEGORIES}, got {list(categories)}")
