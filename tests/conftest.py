@@ -53,3 +53,17 @@ def stage1_model(tiny_clip_dir, world, tmp_path_factory):
     folder = tmp_path_factory.mktemp("stage1") / "model"
     composer.save_pretrained(folder)
     return folder, result.history
+
+
+# Fixtures that train or load the cached tiny CLIP, and modules that run whole pipelines (torchrun tests
+# carry @pytest.mark.slow themselves).
+SLOW_FIXTURES = {"tiny_clip_dir", "stage1_model"}
+SLOW_MODULES = {"test_demo", "test_examples"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tests, so `-m "not slow"` gives a quick loop while editing (CI runs everything)."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

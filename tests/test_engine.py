@@ -73,6 +73,7 @@ def _ddp_grads():
     return module
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_gradients(tmp_path):
     """torchrun with 2 CPU (gloo) processes over the same global batch: the first step's gradients before
     clipping (and the logged grad_norm) equal the 1-process ones; a batch size that does not divide fails."""

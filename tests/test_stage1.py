@@ -43,6 +43,7 @@ def test_phi_needs_a_branch():
         PhiConfig(vsi_mode="stack")
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """torchrun with 2 CPU (gloo) processes and the same global batch gives the 1-process weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
