@@ -40,11 +40,11 @@ class Wrapped:
     def parameters(self):
         return self.bb.parameters()
 
-    def encode_image(self, pixels, with_patches=True):
+    def encode_image(self, pixels, with_patches=True, patch_grid=None):
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise KeyboardInterrupt("simulated interruption")
-        feats = self.bb.encode_image(pixels, with_patches=with_patches)
+        feats = self.bb.encode_image(pixels, with_patches=with_patches, patch_grid=patch_grid)
         feats.pooled = feats.pooled * self.scale
         return feats
 

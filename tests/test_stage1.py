@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
     (True, False, "concat", 3), (False, True, "concat", 2), (True, True, "concat", 5), (True, True, "add", 3)])
 def test_phi_branches(use_global, use_vsi, mode, tokens):
     cfg = PhiConfig(embed_dim=32, token_dim=48, num_tokens=3, vsi_tokens=2, use_global=use_global, use_vsi=use_vsi,
-                    vsi_mode=mode)
+                    vsi_mode=mode, patch_grid=3)  # 3x3 = 9 patch tokens
     assert cfg.total_tokens == tokens
     phi = PhiNetwork(cfg)
     out = phi(torch.randn(5, 32), torch.randn(5, 9, 32))

@@ -44,7 +44,8 @@ from .checkpoint import CheckpointError, load_folder, save_folder
 from .config import Config
 from .models import adapters as _adapters
 from .models.adapters import AdapterConfig
-from .models.backbone import Backbone, BackboneConfig, create_backbone, load_backbone
+from .models.backbone import (Backbone, BackboneConfig, BackboneError, create_backbone, load_backbone,
+                              resolve_patch_grid)
 from .models.phi import PhiConfig, PhiNetwork
 
 ImageInput = Union[Image.Image, str, os.PathLike, torch.Tensor, np.ndarray]
@@ -75,11 +76,31 @@ class ComposerConfig(Config):
         return cfg
 
 
+def phi_patch_grid(phi: PhiConfig, backbone: Backbone, source: str = "phi config") -> Optional[Tuple[int, int]]:
+    """The grid phi's VSI reads on this backbone (None without VSI); a clear error when the backbone cannot give it."""
+    if not phi.use_vsi:
+        return None
+    grid = backbone.patch_grid
+    try:
+        return resolve_patch_grid(phi.patch_grid, grid, what="phi.patch_grid")
+    except BackboneError:
+        have = "no patch grid (not a ViT)" if grid is None else f"a {grid[0]}x{grid[1]} patch grid"
+        want = "the full patch grid" if phi.patch_grid == 0 else f"{phi.patch_grid}x{phi.patch_grid}"
+        raise BackboneError(
+            f"{source}: phi reads patch tokens pooled to {want} (phi.patch_grid={phi.patch_grid}), but backbone "
+            f"{backbone.config.model_name!r} has {have}; use the backbone phi was trained with, or a phi trained "
+            "with a patch grid this backbone can give (train-stage1 --patch-grid)"
+        ) from None
+
+
 class Composer(nn.Module):
     """Frozen CLIP + phi-network (+ composing adapters): encodes images and composed queries."""
 
     def __init__(self, backbone: Backbone, phi: PhiNetwork, config: ComposerConfig) -> None:
         super().__init__()
+        grid = phi_patch_grid(phi.config, backbone)
+        if grid is not None:
+            phi.patch_count = grid[0] * grid[1]
         self.backbone = backbone
         self.phi = phi
         self.config = config
@@ -124,6 +145,7 @@ class Composer(nn.Module):
             backbone = create_backbone(bcfg, device=device)  # weights come from the folder below
         else:
             backbone = load_backbone(bcfg.model_name, bcfg.pretrained, device=device)
+        phi_patch_grid(config.phi, backbone, source=f"model folder {folder}")  # before any weights are read
         composer = cls(backbone, PhiNetwork(config.phi), config).to(device)  # adapters: via add_adapters
         own = composer._persistent_state()
         missing = sorted(set(own) - set(tensors))
@@ -227,9 +249,19 @@ class Composer(nn.Module):
         return torch.stack(out).to(self.device)
 
     def image_features(self, images: Sequence[ImageInput]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Raw pooled features and patch tokens of images."""
-        feats = self.backbone.encode_image(self._pixels(images), with_patches=self.phi.config.use_vsi)
+        """Raw pooled features and the patch tokens phi reads (pooled to its grid; None without VSI) of images."""
+        return self.pixel_features(self._pixels(images))
+
+    def pixel_features(self, pixels: torch.Tensor, with_patches: Optional[bool] = None
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Pooled features and patch tokens (pooled to phi's grid) of model pixels [B, 3, H, W]."""
+        with_patches = self.phi.config.use_vsi if with_patches is None else with_patches
+        feats = self.backbone.encode_image(pixels, with_patches=with_patches, patch_grid=self.phi.config.patch_grid)
         return feats.pooled, feats.patches
+
+    def phi_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """The backbone's full-grid patch tokens [B, N, D] pooled to the grid phi reads."""
+        return self.backbone.pool_patches(patches, self.phi.config.patch_grid)
 
     def pseudo_tokens(self, pooled: torch.Tensor, patches: Optional[torch.Tensor]) -> torch.Tensor:
         """Pseudo-word tokens [B, n, token_dim] of image features."""

@@ -78,7 +78,8 @@ def stage1_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-vsi", action="store_true", help="disable visual semantic injection")
     parser.add_argument("--concept-weight", type=float, default=None)
     parser.add_argument("--concepts", type=Path, default=None, help="concept phrases, one per line")
-    parser.add_argument("--patch-grid", type=int, default=4, help="cache the patch grid pooled to GxG (0: full)")
+    parser.add_argument("--patch-grid", type=int, default=None,
+                        help="phi reads patch tokens pooled to GxG (0: full grid; default: phi.patch_grid, 4)")
 
 
 def stage1_config_from_args(args: argparse.Namespace) -> Stage1Config:
@@ -90,6 +91,8 @@ def stage1_config_from_args(args: argparse.Namespace) -> Stage1Config:
         phi = dataclasses.replace(phi, num_tokens=args.num_tokens)
     if args.no_vsi:
         phi = dataclasses.replace(phi, use_vsi=False)
+    if args.patch_grid is not None:
+        phi = dataclasses.replace(phi, patch_grid=args.patch_grid)
     cfg = dataclasses.replace(cfg, train=train, phi=phi)
     if args.loss:
         cfg = dataclasses.replace(cfg, loss=args.loss)
@@ -133,7 +136,7 @@ def stage1_run(args: argparse.Namespace) -> int:
             source = img.hf_image_source(ds, image_column=args.image_column)
         cache_dir = args.cache_dir or args.out / "features"
         cache = FeatureCache.build(composer.backbone, source, cache_dir,
-                                   patch_grid=args.patch_grid or None, progress=not args.no_progress)
+                                   patch_grid=composer.phi.config.patch_grid, progress=not args.no_progress)
         features = FeatureSource.from_cache(cache)
     train_stage1(composer, features, cfg, output_dir=args.out, concepts=concepts, resume=args.resume,
                  progress=not args.no_progress)

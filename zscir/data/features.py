@@ -53,9 +53,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_json
+from ..models.backbone import PatchGrid, resolve_patch_grid
 from ..search.store import STORE_FORMAT_VERSION, ArraySpec, EmbeddingStore, StoreAppend, StoreError
 from .images import ImageFailure, ImageSource, SliceSource, as_image_source, iter_image_batches
 
@@ -66,7 +66,6 @@ META_NAME = "meta.json"
 PATHS_NAME = "paths.json"
 FAILURES_LOG = "failures.log"
 ARRAY_FILES = {"pooled": "pooled.npy", "patches": "patches.npy", "valid": "valid.npy"}
-PatchGrid = Union[None, int, Tuple[int, int], Sequence[int]]
 
 
 class FeatureCacheError(StoreError):
@@ -79,18 +78,10 @@ def disk_bytes_per_image(embed_dim: int, patch_count: int) -> int:
 
 
 def _normalise_grid(patch_grid: PatchGrid, backbone_grid: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
-    """The stored patch grid (gh, gw): the backbone grid for None, else the pooled size (never larger)."""
+    """The stored patch grid (gh, gw): the backbone grid for None or 0, else the pooled size (never larger)."""
     if backbone_grid is None:
         raise FeatureCacheError("the backbone has no patch grid (not a ViT); build with with_patches=False")
-    bh, bw = int(backbone_grid[0]), int(backbone_grid[1])
-    if patch_grid is None:
-        return bh, bw
-    gh, gw = (patch_grid, patch_grid) if isinstance(patch_grid, int) else tuple(int(g) for g in patch_grid)
-    if gh < 1 or gw < 1:
-        raise ValueError(f"patch_grid must be >= 1, got {patch_grid}")
-    if gh > bh or gw > bw:
-        raise ValueError(f"patch_grid {gh}x{gw} is larger than the backbone's {bh}x{bw} patch grid (pooling cannot upsample)")
-    return gh, gw
+    return resolve_patch_grid(patch_grid, backbone_grid)
 
 
 def _describe_preprocess(preprocess: Any) -> str:
@@ -143,19 +134,6 @@ def _model_device_dtype(backbone: Any) -> Tuple[torch.device, torch.dtype]:
         return torch.device("cpu"), torch.float32
     dtype = first.dtype if first.dtype.is_floating_point else torch.float32
     return first.device, dtype
-
-
-def pool_patches(patches: torch.Tensor, source_grid: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
-    """Average-pool row-major patch tokens [B, gh*gw, D] on a `source_grid` to [B, g*g', D]."""
-    b, n, d = patches.shape
-    gh, gw = source_grid
-    if n != gh * gw:
-        raise FeatureCacheError(f"backbone returned {n} patch tokens, expected {gh}x{gw} = {gh * gw} (row-major grid)")
-    if tuple(grid) == (gh, gw):
-        return patches
-    x = patches.reshape(b, gh, gw, d).permute(0, 3, 1, 2)
-    x = F.adaptive_avg_pool2d(x.float(), grid)
-    return x.permute(0, 2, 3, 1).reshape(b, grid[0] * grid[1], d)
 
 
 class _FeatureStore(EmbeddingStore):
@@ -398,10 +376,10 @@ def _encode(
     grid: Optional[Tuple[int, int]],
     with_patches: bool,
 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Run the backbone on a batch; returns float16 pooled [B, D] and pooled patches [B, P, D]."""
+    """Run the backbone on a batch; returns float16 pooled [B, D] and patches pooled to `grid` [B, P, D]."""
     with torch.no_grad():
         if with_patches:
-            feats = backbone.encode_image(pixels.to(device=device, dtype=dtype))
+            feats = backbone.encode_image(pixels.to(device=device, dtype=dtype), patch_grid=grid)
         else:
             feats = backbone.encode_image(pixels.to(device=device, dtype=dtype), with_patches=False)
     pooled = feats.pooled.float().cpu().to(torch.float16).numpy()
@@ -409,8 +387,7 @@ def _encode(
         return pooled, None
     if feats.patches is None:
         raise FeatureCacheError("the backbone returned no patch tokens; build with with_patches=False")
-    patches = pool_patches(feats.patches.float(), tuple(backbone.patch_grid), grid)
-    return pooled, patches.cpu().to(torch.float16).numpy()
+    return pooled, feats.patches.float().cpu().to(torch.float16).numpy()
 
 
 def _check_finite(pooled: np.ndarray, patches: Optional[np.ndarray], rows: np.ndarray, source: ImageSource) -> None:

@@ -55,7 +55,7 @@ class ShapesBenchmark:
 
     @torch.no_grad()
     def query_embeddings(self, encode: QueryEncoder, batch_size: int = 256) -> torch.Tensor:
-        """Normalised query embeddings from an encoder of (ref pooled, ref patches, texts)."""
+        """Normalised query embeddings from an encoder of (ref pooled, ref full-grid patches, texts)."""
         out = []
         for s in range(0, len(self), batch_size):
             idx = self.ref_index[s: s + batch_size]
@@ -102,8 +102,8 @@ def image_plus_text(backbone) -> QueryEncoder:
 
 
 def composer_encoder(composer) -> QueryEncoder:
-    """Query = the Composer's composed embedding (prompt from its config)."""
-    return lambda pooled, patches, texts: composer.compose_features(pooled, patches, list(texts))
+    """Query = the Composer's composed embedding (prompt from its config; full-grid patches pooled to phi's grid)."""
+    return lambda pooled, patches, texts: composer.compose_features(pooled, composer.phi_patches(patches), list(texts))
 
 
 @torch.no_grad()
@@ -113,11 +113,12 @@ def inversion_recall(composer, backbone, world, n_images: int = 1000, stream: st
     from ..shapes import render_array
 
     scenes = world.scenes(n_images, stream=stream)
-    feats = backbone.encode_image(backbone.pixels_from_uint8(render_array(scenes, world.config.image_size)))
-    img = F.normalize(feats.pooled, dim=-1)
+    pooled, patches = composer.pixel_features(backbone.pixels_from_uint8(render_array(scenes, world.config.image_size)),
+                                              with_patches=True)
+    img = F.normalize(pooled, dim=-1)
     outs = []
     for s in range(0, n_images, 250):
-        tokens = composer.phi(feats.pooled[s: s + 250], feats.patches[s: s + 250])
+        tokens = composer.phi(pooled[s: s + 250], patches[s: s + 250])
         outs.append(backbone.encode_with_pseudo_tokens(prompt, tokens, composer.config.placeholder, normalize=True))
     q = torch.cat(outs)
     _, top = exact_topk(q, img, 5)

@@ -12,6 +12,11 @@ with a causal mask and end-of-text pooling those positions cannot change the
 result, and short prompts then cost a fraction of the full 77-token context.
 :meth:`Backbone.encode_with_pseudo_tokens` replaces the token embedding of a
 placeholder word (``$``) by given pseudo-token vectors before that function runs.
+
+Patch tokens are average-pooled to a coarser grid by one function,
+:func:`pool_patches` (entry point: ``Backbone.encode_image(..., patch_grid=g)``);
+the Stage-I feature cache, Stage II and the Composer all go through it with the
+grid recorded in phi's config, so phi sees the same tokens in training and use.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ logger = logging.getLogger(__name__)
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 PLACEHOLDER = "$"
+PatchGrid = Union[None, int, Tuple[int, int], Sequence[int]]  # None or 0: the backbone's full grid
 
 
 def _register_tiny_configs() -> None:
@@ -58,6 +64,37 @@ class BackboneError(ValueError):
 
 class PromptError(ValueError):
     """A prompt cannot be encoded with pseudo tokens (no placeholder, too long, ...)."""
+
+
+def resolve_patch_grid(patch_grid: PatchGrid, backbone_grid: Optional[Sequence[int]],
+                       what: str = "patch_grid") -> Tuple[int, int]:
+    """The (gh, gw) grid to pool patch tokens to: the backbone's for None or 0, else `patch_grid` (never larger)."""
+    if backbone_grid is None:
+        raise BackboneError(f"{what}: the backbone has no patch grid (not a ViT), so there are no patch tokens to pool")
+    bh, bw = int(backbone_grid[0]), int(backbone_grid[1])
+    if patch_grid is None or (isinstance(patch_grid, int) and patch_grid == 0):
+        return bh, bw
+    gh, gw = (patch_grid, patch_grid) if isinstance(patch_grid, int) else tuple(int(g) for g in patch_grid)
+    if gh < 1 or gw < 1:
+        raise ValueError(f"{what} must be >= 1 (or 0 for the full grid), got {patch_grid}")
+    if gh > bh or gw > bw:
+        raise BackboneError(f"{what} {gh}x{gw} is larger than the backbone's {bh}x{bw} patch grid "
+                            "(pooling cannot upsample)")
+    return gh, gw
+
+
+def pool_patches(patches: torch.Tensor, source_grid: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
+    """Average-pool row-major patch tokens [B, gh*gw, D] on `source_grid` to [B, g*g', D] (unchanged when equal)."""
+    b, n, d = patches.shape
+    gh, gw = int(source_grid[0]), int(source_grid[1])
+    if n != gh * gw:
+        raise BackboneError(f"got {n} patch tokens, expected {gh}x{gw} = {gh * gw} (row-major grid)")
+    grid = (int(grid[0]), int(grid[1]))
+    if grid == (gh, gw):
+        return patches  # no pooling: bit-identical to the backbone's tokens
+    x = patches.reshape(b, gh, gw, d).permute(0, 3, 1, 2)
+    x = F.adaptive_avg_pool2d(x.float(), grid)  # float32 sums also for half-precision tokens
+    return x.permute(0, 2, 3, 1).reshape(b, grid[0] * grid[1], d).to(patches.dtype)
 
 
 @dataclasses.dataclass
@@ -187,8 +224,13 @@ class Backbone(nn.Module):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False).clamp_(0, 1)
         return (x - self.pixel_mean) / self.pixel_std
 
-    def encode_image(self, pixels: torch.Tensor, with_patches: bool = True) -> ImageFeatures:
-        """Pooled embedding and projected patch tokens of preprocessed pixels [B, 3, H, W]."""
+    def pool_patches(self, patches: torch.Tensor, patch_grid: PatchGrid) -> torch.Tensor:
+        """This backbone's full-grid patch tokens [B, N, D] average-pooled to `patch_grid` (None or 0: unchanged)."""
+        return pool_patches(patches, self.patch_grid, resolve_patch_grid(patch_grid, self.patch_grid))
+
+    def encode_image(self, pixels: torch.Tensor, with_patches: bool = True,
+                     patch_grid: PatchGrid = None) -> ImageFeatures:
+        """Pooled embedding and projected patch tokens (pooled to `patch_grid`; None: full grid) of pixels."""
         visual = self.model.visual
         pixels = pixels.to(self.device)
         if not with_patches or not hasattr(visual, "output_tokens"):
@@ -203,7 +245,7 @@ class Backbone(nn.Module):
             visual.output_tokens = previous
         if getattr(visual, "proj", None) is not None:
             tokens = tokens @ visual.proj
-        return ImageFeatures(pooled, tokens)
+        return ImageFeatures(pooled, self.pool_patches(tokens, patch_grid))
 
     # --------------------------------------------------------------------- text
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

@@ -21,6 +21,11 @@ How VSI joins the global tokens (``vsi_mode``):
   global token with patch detail made the pseudo words act like a copy of the
   reference image (composed R@10 29.5 against 37.9 for "concat"), because the
   modification text could no longer override them; it is kept as an ablation.
+
+VSI reads the patch tokens average-pooled to ``patch_grid`` x ``patch_grid``
+(default 4: 16 tokens; 0: the backbone's full grid), recorded here so the
+Stage-I feature cache, Stage II and the Composer pool alike
+(``Backbone.encode_image(patch_grid=...)``); other token counts are an error.
 """
 from __future__ import annotations
 
@@ -47,11 +52,16 @@ class PhiConfig(Config):
     vsi_layers: int = 2
     vsi_heads: int = 4
     vsi_width: int = 0  # 0: token_dim
-    max_patches: int = 1024
+    patch_grid: int = 4  # VSI reads the patch tokens average-pooled to g x g (0: the backbone's full grid)
     vsi_mode: str = "concat"  # "concat": VSI emits vsi_tokens extra detail tokens; "add": VSI refines each global token
     vsi_tokens: int = 2
 
+    # folders written before patch_grid existed load with its default 4: the grid their feature cache pooled to
+    DROPPED_FIELDS = {"max_patches": "never read; replaced by patch_grid"}
+
     def __post_init__(self) -> None:
+        if not isinstance(self.patch_grid, int) or self.patch_grid < 0:
+            raise ValueError(f"patch_grid must be an int >= 0 (0: the backbone's full grid), got {self.patch_grid!r}")
         if self.num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens}")
         if self.vsi_mode not in ("concat", "add"):
@@ -94,6 +104,8 @@ class PhiNetwork(nn.Module):
     def __init__(self, config: PhiConfig) -> None:
         super().__init__()
         self.config = c = config
+        # patch tokens VSI expects per image (g*g); the Composer sets it for patch_grid 0 from its backbone's grid
+        self.patch_count: Optional[int] = c.patch_grid ** 2 if c.patch_grid else None
         hidden = c.hidden_mult * c.embed_dim
         out_tokens = 1 if c.use_vsi and c.vsi_mode == "add" else c.num_tokens
         if c.use_global:
@@ -123,6 +135,12 @@ class PhiNetwork(nn.Module):
             return g
         if patches is None:
             raise ValueError("phi with visual semantic injection needs the patch tokens (got patches=None)")
+        if self.patch_count is not None and patches.shape[1] != self.patch_count:
+            raise ValueError(
+                f"phi reads {self.patch_count} patch tokens per image (phi config patch_grid={c.patch_grid}) but got "
+                f"{patches.shape[1]}: pool them with Backbone.encode_image(patch_grid=...) "
+                "(Composer.image_features does)"
+            )
         kv = self.patch_proj(patches)
         q = self.queries.unsqueeze(0).expand(b, -1, -1) + self.pooled_proj(pooled).unsqueeze(1)
         if g is not None:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from ..composer import Composer
 
 __all__ = [
-    "Corpus", "FeatureSource", "TripletFeatures", "corpus_features", "encode_triplets", "shapes_features",
+    "Corpus", "FeatureSource", "TripletFeatures", "check_patch_tokens", "corpus_features", "encode_triplets",
+    "shapes_features",
     "shapes_triplet_features", "text_features",
 ]
 
@@ -81,10 +82,23 @@ class Corpus:
     ids: List[str]
 
 
+def check_patch_tokens(composer: Composer, patches: Any, what: str) -> None:
+    """Error before training when cached patch tokens [N, P, D] are not the P tokens per image phi's VSI reads."""
+    expected = composer.phi.patch_count
+    if not composer.phi.config.use_vsi or patches is None or expected is None or patches.shape[1] == expected:
+        return
+    g = composer.phi.config.patch_grid
+    raise ValueError(
+        f"{what} hold {patches.shape[1]} patch tokens per image, but phi reads {expected} "
+        f"(phi.patch_grid={g}{' = the full grid' if g == 0 else f', {g}x{g}'}): encode them with the same grid "
+        f"(FeatureCache.build(patch_grid={g or None}), Composer.image_features)"
+    )
+
+
 @torch.no_grad()
 def shapes_features(composer: Composer, scenes: Sequence[Any], image_size: int, batch_size: int = 256,
                     progress: bool = False) -> FeatureSource:
-    """In-memory features of shapes-world scenes (rendered on the fly)."""
+    """In-memory features of shapes-world scenes (rendered on the fly; patches pooled to phi's grid)."""
     from tqdm.auto import tqdm
 
     from ..shapes import render_array
@@ -92,25 +106,27 @@ def shapes_features(composer: Composer, scenes: Sequence[Any], image_size: int, 
     bb = composer.backbone
     pooled, patches = [], []
     for s in tqdm(range(0, len(scenes), batch_size), desc="encode images", disable=not progress):
-        feats = bb.encode_image(bb.pixels_from_uint8(render_array(scenes[s: s + batch_size], image_size)))
-        pooled.append(feats.pooled)
-        patches.append(feats.patches)
+        p, pt = composer.pixel_features(bb.pixels_from_uint8(render_array(scenes[s: s + batch_size], image_size)),
+                                        with_patches=True)
+        pooled.append(p)
+        patches.append(pt)
     return FeatureSource(torch.cat(pooled).numpy(), torch.cat(patches).numpy())
 
 
 @torch.no_grad()
 def shapes_triplet_features(composer: Composer, edits: Sequence[Any], image_size: int = 64,
                             batch_size: int = 256) -> TripletFeatures:
-    """Frozen features of shapes-world edits (reference/target scenes rendered in memory)."""
+    """Frozen features of shapes-world edits (scenes rendered in memory; reference patches pooled to phi's grid)."""
     from ..shapes import render_array
 
     bb = composer.backbone
     refs, patches, targets = [], [], []
     for s in range(0, len(edits), batch_size):
         chunk = edits[s: s + batch_size]
-        f = bb.encode_image(bb.pixels_from_uint8(render_array([e.source for e in chunk], image_size)))
-        refs.append(f.pooled)
-        patches.append(f.patches)
+        p, pt = composer.pixel_features(bb.pixels_from_uint8(render_array([e.source for e in chunk], image_size)),
+                                        with_patches=True)
+        refs.append(p)
+        patches.append(pt)
         g = bb.encode_image(bb.pixels_from_uint8(render_array([e.target for e in chunk], image_size)), with_patches=False)
         targets.append(F.normalize(g.pooled, dim=-1))
     return TripletFeatures(torch.cat(refs), torch.cat(patches), torch.cat(targets), [e.text for e in edits],

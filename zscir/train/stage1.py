@@ -38,7 +38,7 @@ from ..losses import clamped_scale, clip_contrastive, concept_alignment, soft_co
 from ..models.phi import PhiConfig
 from ..registry import Registry
 from .engine import TrainConfig, Trainer, TrainTask
-from .features import FeatureSource
+from .features import FeatureSource, check_patch_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Stage1Task(TrainTask):
 
     def __init__(self, composer: Composer, features: FeatureSource, cfg: Stage1Config,
                  concepts: Optional[Sequence[str]] = None) -> None:
+        check_patch_tokens(composer, features.patches, "the Stage-I image features")
         for p in composer.backbone.parameters():
             p.requires_grad_(False)
         for p in composer.phi.parameters():

@@ -38,7 +38,7 @@ from ..losses import clamped_scale, duplicate_mask, info_nce_with_negatives
 from ..models.adapters import AdapterConfig, count_trainable
 from .components import STAGE2_COMPONENTS, ComponentContext, Stage2Component
 from .engine import TrainConfig, Trainer, TrainTask
-from .features import Corpus, TripletFeatures
+from .features import Corpus, TripletFeatures, check_patch_tokens
 
 if TYPE_CHECKING:
     from ..data.triplets import TripletSet
@@ -115,6 +115,7 @@ class Stage2Task(TrainTask):
         self.cfg, self.triplets, self.corpus = cfg, triplets, corpus
         if composer.config.adapters is None:
             raise ValueError("stage II needs a Composer with adapters (use prepare_stage2)")
+        check_patch_tokens(composer, triplets.ref_patches, "the triplets' reference features")
         for p in composer.phi.parameters():
             p.requires_grad_(cfg.train_phi)
         if cfg.image_residual:
