@@ -6,7 +6,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
+from ..precision import PRECISIONS, resolve_precision
 from ..train.engine import TrainConfig
+
+PRECISION_FLAG = "--mixed-precision"
 
 
 def add_model_argument(parser: argparse.ArgumentParser, help: str, required: bool = True,
@@ -35,22 +38,34 @@ def resolve_device(args: argparse.Namespace) -> str:
     return getattr(args, "device", None) or default_device()
 
 
+def add_precision_argument(parser: argparse.ArgumentParser, what: str = "encoding") -> None:
+    """`--mixed-precision`: no, fp16, bf16 or auto (bf16 on a GPU that supports it, float32 on the CPU)."""
+    parser.add_argument(PRECISION_FLAG, choices=PRECISIONS, default="auto",
+                        help=f"numeric precision for {what}: auto (default) is bf16 on a GPU that supports it and "
+                             "float32 (no) on the CPU; the CPU also runs bf16, fp16 needs a GPU")
+
+
+def resolve_cli_precision(args: argparse.Namespace) -> str:
+    """The precision a command runs in ("no", "fp16" or "bf16"): `--mixed-precision` resolved on its device."""
+    return resolve_precision(getattr(args, "mixed_precision", None) or "auto", resolve_device(args), PRECISION_FLAG)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The optimisation flags every training command shares (override the JSON config)."""
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--save-every", type=int, default=None, help="steps between resumable checkpoints")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    add_precision_argument(parser, "training and feature encoding (overrides train.mixed_precision of --config)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/state")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def train_config_from_args(train: TrainConfig, args: Any) -> TrainConfig:
-    """`train` with the command-line overrides of :func:`add_train_arguments` applied."""
-    for name in ("steps", "batch_size", "lr", "save_every", "mixed_precision", "seed"):
+    """`train` with the command-line overrides of :func:`add_train_arguments` applied (the precision resolved)."""
+    for name in ("steps", "batch_size", "lr", "save_every", "seed"):
         value = getattr(args, name, None)
         if value is not None:
             train = dataclasses.replace(train, **{name: value})
-    return train
+    return dataclasses.replace(train, mixed_precision=resolve_cli_precision(args))

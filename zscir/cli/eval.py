@@ -11,7 +11,8 @@ from ..data.schema import AnnotationError
 from ..eval.encode import CACHE_ENV, PathLike, RetrievalModel
 from ..eval.evaluate import evaluate
 from ..eval.protocols import BENCHMARKS, EvaluationError
-from .common import add_device_argument, add_model_argument, add_out_argument
+from .common import (add_device_argument, add_model_argument, add_out_argument, add_precision_argument,
+                     resolve_cli_precision)
 
 # each benchmark's loader options, from its own flags
 _DATASET_OPTIONS: Dict[str, Callable[[argparse.Namespace], Dict[str, Any]]] = {
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser, help="model folder written by Composer.save_pretrained")
     parser.add_argument("--batch-size", type=int, default=64, help="images / queries per model call")
     add_device_argument(parser)
+    add_precision_argument(parser, "encoding images and queries")
     parser.add_argument("--workers", type=int, default=0, help="image decoding processes (0: decode in the main process)")
     parser.add_argument("--save-rankings", metavar="FILE", help="write each query's top-50 gallery ids to FILE (JSON)")
     parser.add_argument("--submission", metavar="DIR", help="write the CIRR / CIRCO test-server JSON files into DIR")
@@ -63,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``zscir eval``: load the model, evaluate, print the table; exit code 1 on data errors."""
+    precision = resolve_cli_precision(args)  # before loading: a bad flag costs no model load
     try:
         model = load_model(args.model, getattr(args, "device", None))
         evaluate(
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             use_cache=not args.no_cache,
             progress=not args.no_progress,
             dataset_options=_DATASET_OPTIONS.get(args.dataset, lambda a: {})(args),
+            precision=precision,
         )
     except (AnnotationError, EvaluationError, CheckpointError) as err:
         print(f"zscir eval: error: {err}", file=sys.stderr)

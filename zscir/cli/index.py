@@ -10,7 +10,9 @@ import torch
 
 from ..search import BACKENDS, IMAGE_ROOT_FILE, INDEX_META, METRICS, EmbeddingIndex, EmbeddingIndexError, model_key_of
 from ..search.store import Id
-from .common import add_device_argument, add_model_argument, add_out_argument, resolve_device
+from ..precision import autocast
+from .common import (add_device_argument, add_model_argument, add_out_argument, add_precision_argument,
+                     resolve_cli_precision, resolve_device)
 
 
 def _parse_params(items: Optional[Sequence[str]], flag: str) -> Dict[str, Any]:
@@ -67,6 +69,7 @@ def index_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=None, help="folder that relative paths in a file list are relative to (default: the list's folder)")
     parser.add_argument("--backend", default="exact", choices=BACKENDS.names(), help="also build this FAISS structure (default: exact only)")
     add_device_argument(parser)
+    add_precision_argument(parser, "embedding the images (rows are stored as float16 either way)")
     parser.add_argument("--backend-param", action="append", metavar="KEY=VALUE", help="FAISS build parameter, e.g. nlist=1024 (repeatable)")
     parser.add_argument("--metric", default="cosine", choices=METRICS, help="similarity for a new index")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -84,6 +87,7 @@ def index_run(args: argparse.Namespace) -> int:
     backend_params = _parse_params(args.backend_param, "--backend-param")
     if args.batch_size < 1 or args.commit_every < 1:
         raise ValueError("--batch-size and --commit-every must be >= 1")
+    precision, device = resolve_cli_precision(args), resolve_device(args)
     paths, ids = _image_list(args.images, args.root)
     composer = _load_composer(args.model, args)
     key = model_key_of(composer, args.model)
@@ -119,7 +123,7 @@ def index_run(args: argparse.Namespace) -> int:
             [paths[i] for i in todo], None, args.batch_size, num_workers=args.num_workers,
             log=bad_log, progress=not args.no_progress, on_failure=record_bad, desc="indexing",
         ):
-            with torch.no_grad():
+            with torch.no_grad(), autocast(precision, device):
                 emb = composer.encode_images(images)
             buffer_emb.append(torch.as_tensor(emb).detach().float().cpu())
             buffer_ids.extend(ids[todo[p]] for p in positions.tolist())
@@ -155,6 +159,7 @@ def search_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", action="append", default=[], metavar="ID", help="gallery id never to return (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     add_device_argument(parser)
+    add_precision_argument(parser, "encoding the query")
     add_out_argument(parser, help="write a PNG grid (reference, text, top-k with scores)", required=False)
     parser.add_argument("--image-root", default=None,
                         help="folder the gallery ids are relative to, for --out (default: the folder given to `zscir index`)")
@@ -165,14 +170,16 @@ def search_run(args: argparse.Namespace) -> int:
     from ..data.images import load_image
 
     params = _parse_params(args.search_param, "--search-param")
+    precision, device = resolve_cli_precision(args), resolve_device(args)
     index = EmbeddingIndex.open(args.index)
     composer = _load_composer(args.model, args)
     key = model_key_of(composer, args.model)
     if key != index.model_key:
         raise EmbeddingIndexError(f"{args.index} was built with model {index.model_key!r}, but --model is {key!r}")
     image = load_image(args.image)
-    with torch.no_grad():
-        query = torch.as_tensor(composer.encode_query([image], [args.text])).detach().float().cpu()
+    with torch.no_grad(), autocast(precision, device):
+        query = composer.encode_query([image], [args.text])
+    query = torch.as_tensor(query).detach().float().cpu()  # the index normalises in float32 (cosine)
     exclude = [list(args.exclude)] if args.exclude else None
     hits = index.search(query, args.top_k, exclude_ids=exclude, backend=args.backend, **params)[0]
     if args.json:

@@ -12,8 +12,8 @@ from ..train.bank import BankStageConfig
 from ..train.clip_pretrain import PRESETS
 from ..train.stage1 import STAGE1_LOSSES, Stage1Config
 from ..train.stage2 import Stage2Config
-from .common import (add_device_argument, add_model_argument, add_out_argument, add_train_arguments, resolve_device,
-                     train_config_from_args)
+from .common import (add_device_argument, add_model_argument, add_out_argument, add_precision_argument,
+                     add_train_arguments, resolve_cli_precision, resolve_device, train_config_from_args)
 
 __all__ = [
     "bank_add_arguments", "bank_config_from_args", "bank_run", "pretrain_clip_add_arguments", "pretrain_clip_run",
@@ -32,6 +32,7 @@ def pretrain_clip_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", default=None, help="folder the caption file's image paths are relative to")
     parser.add_argument("--steps", type=int, default=None, help="override the number of steps")
     parser.add_argument("--seed", type=int, default=0)
+    add_precision_argument(parser, "training (a precision other than no trains another cached model)")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a state exists")
 
 
@@ -39,12 +40,13 @@ def pretrain_clip_run(args: argparse.Namespace) -> int:
     """Entry point of ``zscir pretrain-clip``."""
     from ..train.clip_pretrain import config_key, default_cache_dir, pretrain, pretrained_tiny_clip
 
+    precision = resolve_cli_precision(args)
     cfg = PRESETS[args.preset]
     cfg = dataclasses.replace(cfg, world_seed=args.seed, captions_file=args.captions, image_root=args.image_root,
-                              train=dataclasses.replace(cfg.train, seed=args.seed,
+                              train=dataclasses.replace(cfg.train, seed=args.seed, mixed_precision=precision,
                                                         steps=args.steps or cfg.train.steps))
     if args.out is None and args.captions is None and args.steps is None:
-        folder, report = pretrained_tiny_clip(args.preset, seed=args.seed)
+        folder, report = pretrained_tiny_clip(args.preset, seed=args.seed, precision=precision)
     else:
         out = args.out or default_cache_dir() / "tiny_clip" / f"custom-{config_key(cfg)}"
         report = pretrain(cfg, out, resume=not args.no_resume)
@@ -119,7 +121,7 @@ def stage1_run(args: argparse.Namespace) -> int:
 
         world = ShapesWorld(ShapesWorldConfig(seed=cfg.train.seed, image_size=composer.backbone.image_size))
         features = shapes_features(composer, world.scenes(args.shapes, stream="stage1"), world.config.image_size,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, precision=cfg.train.mixed_precision)
         concepts = concepts or world.concept_phrases()
     else:
         from ..data import images as img
@@ -135,8 +137,8 @@ def stage1_run(args: argparse.Namespace) -> int:
                 else datasets.load_from_disk(args.hf_dataset)
             source = img.hf_image_source(ds, image_column=args.image_column)
         cache_dir = args.cache_dir or args.out / "features"
-        cache = FeatureCache.build(composer.backbone, source, cache_dir,
-                                   patch_grid=composer.phi.config.patch_grid, progress=not args.no_progress)
+        cache = FeatureCache.build(composer.backbone, source, cache_dir, patch_grid=composer.phi.config.patch_grid,
+                                   progress=not args.no_progress, precision=cfg.train.mixed_precision)
         features = FeatureSource.from_cache(cache)
     train_stage1(composer, features, cfg, output_dir=args.out, concepts=concepts, resume=args.resume,
                  progress=not args.no_progress)
@@ -152,14 +154,14 @@ def _add_triplet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", default=None, help="folder the triplet image paths are relative to")
 
 
-def _encode_triplets(composer: Any, args: argparse.Namespace) -> Tuple[Any, Any]:
-    """The triplet set of `--triplets` (texts fitted to the text tower) and its frozen features."""
+def _encode_triplets(composer: Any, args: argparse.Namespace, precision: str) -> Tuple[Any, Any]:
+    """The triplet set of `--triplets` (texts fitted to the text tower) and its frozen features, encoded in `precision`."""
     from ..data.triplets import load_triplets
     from ..train.features import encode_triplets
     from ..train.stage2 import fit_to_context
 
     triplets = fit_to_context(composer, load_triplets(args.triplets, image_root=args.image_root))
-    return triplets, encode_triplets(composer, triplets, progress=not args.no_progress)
+    return triplets, encode_triplets(composer, triplets, progress=not args.no_progress, precision=precision)
 
 
 def stage2_add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,11 +204,12 @@ def stage2_run(args: argparse.Namespace) -> int:
 
     cfg = stage2_config_from_args(args)
     composer = Composer.from_pretrained(args.model, device=resolve_device(args))
-    _, feats = _encode_triplets(composer, args)
+    _, feats = _encode_triplets(composer, args, cfg.train.mixed_precision)
     corpus = None
     if args.corpus:
         # cached on disk; corrupt corpus images are logged and skipped
-        corpus = Corpus(*corpus_features(composer, args.corpus, args.out / "features", progress=not args.no_progress))
+        corpus = Corpus(*corpus_features(composer, args.corpus, args.out / "features", progress=not args.no_progress,
+                                         precision=cfg.train.mixed_precision))
     train_stage2(composer, feats, cfg, corpus=corpus, output_dir=args.out, resume=args.resume,
                  progress=not args.no_progress)
     print(f"stage II model: {args.out / 'model'}")
@@ -258,11 +261,11 @@ def bank_run(args: argparse.Namespace) -> int:
     composer = Composer.from_pretrained(args.model, device=resolve_device(args))
     if composer.config.adapters is None:
         raise ValueError(f"{args.model}: not a Stage-II model (no adapters); run zscir train-stage2 first")
-    triplets, feats = _encode_triplets(composer, args)
+    triplets, feats = _encode_triplets(composer, args, cfg.train.mixed_precision)
     parts: List[Tuple[torch.Tensor, List[str]]] = []
     if args.corpus:
         parts.append(corpus_features(composer, args.corpus, args.cache_dir or args.out / "features",
-                                     progress=not args.no_progress))
+                                     progress=not args.no_progress, precision=cfg.train.mixed_precision))
     if cfg.include_triplet_images:
         parts.extend(triplet_bank_parts(feats, [bool(r.target) for r in triplets]))
     bank = build_bank(parts, cfg.dedup_threshold, progress=not args.no_progress)

@@ -56,6 +56,7 @@ import torch
 
 from ..checkpoint import atomic_write_json
 from ..models.backbone import PatchGrid, resolve_patch_grid
+from ..precision import autocast, resolve_precision
 from ..search.store import STORE_FORMAT_VERSION, ArraySpec, EmbeddingStore, StoreAppend, StoreError
 from .images import ImageFailure, ImageSource, SliceSource, as_image_source, iter_image_batches
 
@@ -119,12 +120,20 @@ def cache_folder(
     cache_dir: Union[str, os.PathLike],
     patch_grid: PatchGrid = 4,
     with_patches: bool = True,
+    precision: str = "no",
 ) -> Path:
     """The folder :meth:`FeatureCache.build` uses for these settings."""
     source = as_image_source(images)
     grid = _normalise_grid(patch_grid, backbone.patch_grid) if with_patches else None
     key = _cache_key(backbone, source, grid, with_patches)
+    key.update(_precision_key(backbone, precision))
     return Path(cache_dir) / f"{_slug(key['backbone'])}-{_digest(key)[:16]}"
+
+
+def _precision_key(backbone: Any, precision: str) -> Dict[str, str]:
+    """The cache-key entry of the encoding precision (none for float32, so float32 caches keep their folders)."""
+    resolved = resolve_precision(precision, _model_device_dtype(backbone)[0])
+    return {} if resolved == "no" else {"precision": resolved}
 
 
 def _model_device_dtype(backbone: Any) -> Tuple[torch.device, torch.dtype]:
@@ -224,11 +233,13 @@ class FeatureCache:
         num_workers: int = 0,
         chunk_size: int = 4096,
         with_patches: bool = True,
+        precision: str = "no",
     ) -> "FeatureCache":
         """Encode a corpus (paths or an ImageSource) into `cache_dir`, or resume / reuse a matching cache; returns it opened.
 
         ``patch_grid``: pooled grid size ``g`` (or ``(gh, gw)``), None for the full
         grid. Images that fail to load are logged, skipped and marked invalid.
+        ``precision``: the backbone's autocast ("no", "bf16", "fp16", "auto"; part of the key).
         """
         from tqdm.auto import tqdm
 
@@ -240,6 +251,7 @@ class FeatureCache:
             raise ValueError("cannot build a feature cache for an empty corpus (no images given)")
         grid = _normalise_grid(patch_grid, backbone.patch_grid) if with_patches else None
         key = _cache_key(backbone, source, grid, with_patches)
+        key.update(_precision_key(backbone, precision))
         digest = _digest(key)
         folder = Path(cache_dir) / f"{_slug(key['backbone'])}-{digest[:16]}"
         meta_path = folder / META_NAME
@@ -304,7 +316,8 @@ class FeatureCache:
                         abort_after=64 if start == 0 else stop - start + 1,
                     ):
                         rows = idx.numpy() + start
-                        pooled, patches = _encode(backbone, pixels, device, dtype, grid, with_patches)
+                        with autocast(key.get("precision", "no"), device):
+                            pooled, patches = _encode(backbone, pixels, device, dtype, grid, with_patches)
                         _check_finite(pooled, patches, rows, source)
                         chunk.write(rows, pooled, patches)
                         bar.update(len(rows))

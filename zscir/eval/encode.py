@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, load_tensors
 from ..data.schema import CIRQuery, ImageId
+from ..precision import autocast, resolve_precision
 from ..search.store import ArraySpec, EmbeddingStore, StoreError
 from .protocols import EvaluationError
 
@@ -56,6 +57,16 @@ def _as_features(out: Any, expected_rows: int, what: str) -> torch.Tensor:
     out = out.detach().float().cpu()
     # normalising again is harmless for normalised outputs and keeps cosine ranking for sloppy models
     return F.normalize(out, dim=-1)
+
+
+def model_device(model: Any) -> Any:
+    """The device a model's weights are on (the CPU for models that do not say)."""
+    return getattr(model, "device", None) or "cpu"
+
+
+def precision_cache_key(model_key: str, precision: str) -> str:
+    """The gallery-cache model key of features encoded in `precision` (float32 keeps the plain key)."""
+    return model_key if precision == "no" else f"{model_key}-{precision}"
 
 
 def _nonfinite_rows(features: torch.Tensor) -> List[int]:
@@ -195,27 +206,32 @@ def encode_gallery(
     progress: bool = True,
     desc: str = "gallery",
     num_workers: int = 0,
+    precision: str = "no",
 ) -> Tuple[torch.Tensor, Dict[ImageId, str]]:
     """Embed gallery images ([N, D], rows of unusable images are NaN) and return the failures by id.
 
     With `cache_dir` the features are stored in an embedding store keyed by
-    :func:`gallery_cache_key` and reused (or resumed) on the next call.
+    :func:`gallery_cache_key` (and the precision) and reused (or resumed) on the next call.
     `num_workers` decoding processes feed the model (0: decode in this process).
+    `precision` ("no", "bf16", "fp16", "auto") is the model's autocast; the rows are float32.
     """
     if len(ids) != len(paths):
         raise ValueError(f"encode_gallery: {len(ids)} ids but {len(paths)} paths")
     if not ids:
         raise EvaluationError(f"{desc}: the gallery is empty")
+    device = model_device(model)
+    precision = resolve_precision(precision, device)
     model_key = getattr(model, "cache_key", None)
     absolute = [os.path.abspath(p) for p in paths]
     cache: Optional[_GalleryCache] = None
     rows: List[Optional[torch.Tensor]] = [None] * len(ids)
     if cache_dir is not None and model_key:
-        key = gallery_cache_key(str(model_key), paths)
+        model_key = precision_cache_key(str(model_key), precision)  # bf16 rows never stand in for float32 ones
+        key = gallery_cache_key(model_key, paths)
         legacy = _read_legacy_cache(Path(cache_dir), key, paths)
         if legacy is not None:
             return legacy, {}
-        cache = _GalleryCache(Path(cache_dir) / f"gallery-{key[:32]}", str(model_key))
+        cache = _GalleryCache(Path(cache_dir) / f"gallery-{key[:32]}", model_key)
         for i, feats in cache.lookup(absolute).items():
             rows[i] = feats
     todo = [i for i, r in enumerate(rows) if r is None]
@@ -226,7 +242,9 @@ def encode_gallery(
         with torch.inference_mode():
             for positions, images in _image_batches([paths[i] for i in todo], batch_size, num_workers, progress, desc,
                                                     load_failures):
-                feats = _as_features(model.encode_images(images), len(images), f"{desc}: encode_images")
+                with autocast(precision, device):
+                    out = model.encode_images(images)
+                feats = _as_features(out, len(images), f"{desc}: encode_images")
                 bad = set(_nonfinite_rows(feats))
                 for row, p in enumerate(positions.tolist()):
                     i = todo[p]
@@ -258,11 +276,12 @@ def encode_queries(
     batch_size: int = 64,
     progress: bool = True,
     num_workers: int = 0,
+    precision: str = "no",
 ) -> Tuple[torch.Tensor, Dict[str, str]]:
     """Embed composed queries ([Q, D]; a query with several texts averages their normalised features).
 
     Returns the features and the failures by query id (unreadable reference or
-    non-finite output); failed rows are NaN.
+    non-finite output); failed rows are NaN. `precision` is the model's autocast; the rows are float32.
     """
     if not queries:
         return torch.empty(0, 0), {}
@@ -270,16 +289,17 @@ def encode_queries(
     failures: Dict[str, str] = {}
     rows: List[Optional[torch.Tensor]] = [None] * len(queries)
     paths = [image_paths[q.reference] for q in queries]
+    device = model_device(model)
+    precision = resolve_precision(precision, device)
     with torch.inference_mode():
         for positions, images in _image_batches(paths, batch_size, num_workers, progress, "queries", load_failures):
             positions = positions.tolist()
             summed: Optional[torch.Tensor] = None
             for t in range(max(len(queries[i].texts) for i in positions)):
                 members = [j for j, i in enumerate(positions) if len(queries[i].texts) > t]
-                feats = _as_features(
-                    model.encode_query([images[j] for j in members], [queries[positions[j]].texts[t] for j in members]),
-                    len(members), "queries: encode_query",
-                )
+                with autocast(precision, device):
+                    out = model.encode_query([images[j] for j in members], [queries[positions[j]].texts[t] for j in members])
+                feats = _as_features(out, len(members), "queries: encode_query")
                 if summed is None:
                     summed = torch.zeros(len(positions), feats.shape[1])
                 summed[members] += feats
@@ -298,4 +318,5 @@ def encode_queries(
     return torch.stack([r if r is not None else nan_row for r in rows]), failures
 
 
-__all__ = ["CACHE_ENV", "RetrievalModel", "default_cache_dir", "encode_gallery", "encode_queries", "gallery_cache_key"]
+__all__ = ["CACHE_ENV", "RetrievalModel", "default_cache_dir", "encode_gallery", "encode_queries", "gallery_cache_key",
+           "model_device", "precision_cache_key"]

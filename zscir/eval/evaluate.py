@@ -21,7 +21,8 @@ import torch
 
 from ..checkpoint import atomic_write_json
 from ..data.schema import CIRQuery, CIRSplit, ImageId
-from .encode import PathLike, RetrievalModel, default_cache_dir, encode_gallery, encode_queries
+from ..precision import resolve_precision
+from .encode import PathLike, RetrievalModel, default_cache_dir, encode_gallery, encode_queries, model_device
 from .protocols import (ASPECT_PREFIX, BENCHMARKS, RANKING_DEPTH, EvaluationError, MissingImagesError, compute_metrics,
                         load_benchmark, rank_split, skip_reason, write_submission)
 from .submission import write_rankings
@@ -32,6 +33,8 @@ Galleries = Dict[str, Tuple[List[ImageId], torch.Tensor]]
 def format_table(results: Mapping[str, Any]) -> str:
     """A readable text table of an :func:`evaluate` result."""
     title = f"{results['dataset']} {results['split']}: {results['num_queries']} queries"
+    if results.get("precision", "no") != "no":
+        title += f", encoded in {results['precision']}"
     if results.get("num_skipped"):
         title += f" ({results['num_skipped']} skipped: {dict(results.get('skipped', {}))})"
     lines = [title]
@@ -94,7 +97,8 @@ def _encode_galleries(model: RetrievalModel, data: CIRSplit, bad_images: Dict[Im
 
 def _encode_usable_queries(model: RetrievalModel, data: CIRSplit, galleries: Galleries,
                            bad_images: Mapping[ImageId, str], allow_missing: bool, what: str, batch_size: int,
-                           progress: bool, num_workers: int) -> Tuple[List[CIRQuery], torch.Tensor, Counter, List[str]]:
+                           progress: bool, num_workers: int, precision: str = "no"
+                           ) -> Tuple[List[CIRQuery], torch.Tensor, Counter, List[str]]:
     """The queries that can be evaluated, their features, and the skipped ones (counted by reason, and their ids)."""
     skipped: Counter = Counter()
     skipped_ids: List[str] = []
@@ -107,7 +111,8 @@ def _encode_usable_queries(model: RetrievalModel, data: CIRSplit, galleries: Gal
         else:
             skipped[reason] += 1
             skipped_ids.append(q.query_id)
-    query_feats, failed_queries = encode_queries(model, candidates, data.image_paths, batch_size, progress, num_workers)
+    query_feats, failed_queries = encode_queries(model, candidates, data.image_paths, batch_size, progress, num_workers,
+                                                 precision)
     if failed_queries and not allow_missing:
         raise MissingImagesError(what, failed_queries)
     for qid, reason in failed_queries.items():
@@ -174,6 +179,7 @@ def evaluate(
     progress: bool = True,
     print_results: bool = True,
     dataset_options: Optional[Mapping[str, Any]] = None,
+    precision: str = "no",
 ) -> Dict[str, Any]:
     """Evaluate `model` on a benchmark split and return the results dict (metrics in percent).
 
@@ -182,7 +188,8 @@ def evaluate(
     :class:`MissingImagesError` unless `allow_missing`, which skips the affected
     queries and reports ``num_skipped``.  `save_rankings` writes every query's
     top-50 ids; `submission_dir` writes the CIRR/CIRCO server files.
-    `num_workers` processes decode images (0: in this process).
+    `num_workers` processes decode images (0: in this process). `precision` ("no", "bf16", "fp16",
+    "auto") is the autocast the model encodes under; embeddings are ranked in float32.
     """
     started = time.time()
     if batch_size < 1:
@@ -190,6 +197,7 @@ def evaluate(
     for attr in ("encode_images", "encode_query"):
         if not callable(getattr(model, attr, None)):
             raise TypeError(f"model has no {attr}() method; it must follow the RetrievalModel protocol")
+    precision = resolve_precision(precision, model_device(model))  # an unsupported one fails before any work
     data = _load_split(dataset, split, root, dataset_options)
     bench = BENCHMARKS.get(data.dataset)
     data.validate()
@@ -203,12 +211,14 @@ def evaluate(
     if cache_dir is None and use_cache:
         cache_dir = default_cache_dir()
     galleries = _encode_galleries(model, data, bad_images, allow_missing, what, batch_size=batch_size,
-                                  cache_dir=cache_dir if use_cache else None, progress=progress, num_workers=num_workers)
+                                  cache_dir=cache_dir if use_cache else None, progress=progress, num_workers=num_workers,
+                                  precision=precision)
     queries, query_feats, skipped, skipped_ids = _encode_usable_queries(
-        model, data, galleries, bad_images, allow_missing, what, batch_size, progress, num_workers)
+        model, data, galleries, bad_images, allow_missing, what, batch_size, progress, num_workers, precision)
     rankings, subset_rankings = _rank(galleries, queries, query_feats, data.exclude_reference)
 
     results = _summary(model, data, galleries, queries, skipped, skipped_ids, len(bad_images))
+    results["precision"] = precision
     results["metrics"] = compute_metrics(
         bench, queries, [rankings[q.query_id] for q in queries], [subset_rankings[q.query_id] for q in queries]
     ) if data.has_targets else OrderedDict()

@@ -30,7 +30,8 @@ from torch import nn
 from ..checkpoint import atomic_write_json
 from ..config import Config
 from ..losses import clamped_scale, clip_contrastive
-from ..models.backbone import Backbone, load_backbone
+from ..models.backbone import Backbone, default_device, load_backbone
+from ..precision import resolve_precision
 from .engine import TrainConfig, Trainer, TrainTask
 
 logger = logging.getLogger(__name__)
@@ -252,12 +253,15 @@ def pretrain(cfg: ClipPretrainConfig, output_dir: Path, resume: bool = True, pro
 
 
 def pretrained_tiny_clip(preset: str = "default", cache_dir: Optional[Path] = None, progress: bool = True,
-                         seed: int = 0) -> Tuple[Path, Dict[str, Any]]:
-    """Backbone folder of the cached tiny CLIP for `preset`, training (or resuming) it if needed."""
+                         seed: int = 0, precision: str = "no") -> Tuple[Path, Dict[str, Any]]:
+    """Backbone folder of the cached tiny CLIP for `preset`, training (or resuming) it in `precision` if needed."""
     if preset not in PRESETS:
         raise KeyError(f"unknown tiny-CLIP preset {preset!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[preset]
-    cfg = dataclasses.replace(cfg, world_seed=seed, train=dataclasses.replace(cfg.train, seed=seed))
+    # the precision is part of the cache key: a bf16-trained model is another model
+    precision = resolve_precision(precision, default_device(), "pretrained_tiny_clip: precision")
+    cfg = dataclasses.replace(cfg, world_seed=seed, train=dataclasses.replace(cfg.train, seed=seed,
+                                                                              mixed_precision=precision))
     folder = (cache_dir or default_cache_dir()) / "tiny_clip" / f"{preset}-{config_key(cfg)}"
     done = folder / "report.json"
     if done.is_file() and (folder / "backbone" / "config.json").is_file():

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_write_json, load_tensors, save_tensors
 from ..config import Config
+from ..precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class TrainConfig(Config):
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (Accelerate)
+    mixed_precision: str = "no"  # "no", "fp16", "bf16" or "auto" (zscir.precision; applied by Accelerate)
     save_every: int = 0  # steps between full-state checkpoints; 0: only at the end
     log_every: int = 10
 
@@ -203,6 +204,19 @@ def _to_tuple(x: Any) -> Any:
     return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
 
 
+def _release_other_precision(precision: str) -> None:
+    """Let this process build an Accelerator in `precision` after one in another precision.
+
+    Accelerate keeps one process-wide state and refuses to change its precision; only that part is reset here,
+    the process group (PartialState) stays.
+    """
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != precision:
+        AcceleratorState._reset_state()
+
+
 class Trainer:
     """Runs a :class:`TrainTask` with Accelerate; resumable from ``output_dir/state``."""
 
@@ -214,7 +228,9 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir else None
         self.progress = progress
         use_cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=cfg.mixed_precision if not use_cpu else "no")
+        precision = resolve_precision(cfg.mixed_precision, "cpu" if use_cpu else "cuda", f"{desc}: mixed_precision")
+        _release_other_precision(precision)
+        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
         world = self.accelerator.num_processes
         if cfg.batch_size % world:
             raise ValueError(f"{desc}: batch_size {cfg.batch_size} does not divide over {world} processes "

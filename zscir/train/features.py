@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..composer import Composer
+from ..precision import autocast, resolve_precision
 
 __all__ = [
     "Corpus", "FeatureSource", "TripletFeatures", "check_patch_tokens", "corpus_features", "encode_triplets",
@@ -97,8 +98,11 @@ def check_patch_tokens(composer: Composer, patches: Any, what: str) -> None:
 
 @torch.no_grad()
 def shapes_features(composer: Composer, scenes: Sequence[Any], image_size: int, batch_size: int = 256,
-                    progress: bool = False) -> FeatureSource:
-    """In-memory features of shapes-world scenes (rendered on the fly; patches pooled to phi's grid)."""
+                    progress: bool = False, precision: str = "no") -> FeatureSource:
+    """In-memory float32 features of shapes-world scenes (rendered on the fly, encoded under `precision`).
+
+    Patches are pooled to phi's grid.
+    """
     from tqdm.auto import tqdm
 
     from ..shapes import render_array
@@ -106,10 +110,11 @@ def shapes_features(composer: Composer, scenes: Sequence[Any], image_size: int, 
     bb = composer.backbone
     pooled, patches = [], []
     for s in tqdm(range(0, len(scenes), batch_size), desc="encode images", disable=not progress):
-        p, pt = composer.pixel_features(bb.pixels_from_uint8(render_array(scenes[s: s + batch_size], image_size)),
-                                        with_patches=True)
-        pooled.append(p)
-        patches.append(pt)
+        with autocast(precision, bb.device):
+            p, pt = composer.pixel_features(bb.pixels_from_uint8(render_array(scenes[s: s + batch_size], image_size)),
+                                            with_patches=True)
+        pooled.append(p.float())
+        patches.append(pt.float())
     return FeatureSource(torch.cat(pooled).numpy(), torch.cat(patches).numpy())
 
 
@@ -134,8 +139,22 @@ def shapes_triplet_features(composer: Composer, edits: Sequence[Any], image_size
 
 
 @torch.no_grad()
-def encode_triplets(composer: Composer, triplets: Any, batch_size: int = 64, progress: bool = True) -> TripletFeatures:
-    """Frozen features of a :class:`zscir.data.triplets.TripletSet` (images loaded robustly)."""
+def encode_triplets(composer: Composer, triplets: Any, batch_size: int = 64, progress: bool = True,
+                    precision: str = "no") -> TripletFeatures:
+    """Frozen float32 features of a :class:`zscir.data.triplets.TripletSet` (images loaded robustly; encoded under `precision`)."""
+    precision = resolve_precision(precision, composer.device)
+    if precision == "no":
+        return _encode_triplets(composer, triplets, batch_size, progress)
+    with autocast(precision, composer.device):
+        feats = _encode_triplets(composer, triplets, batch_size, progress)
+    # float32 from here on; targets normalised again in float32 (half-precision normalisation is off by ~1e-3)
+    return dataclasses.replace(feats, ref_pooled=feats.ref_pooled.float(), target=F.normalize(feats.target.float(), dim=-1),
+                               ref_patches=None if feats.ref_patches is None else feats.ref_patches.float())
+
+
+@torch.no_grad()
+def _encode_triplets(composer: Composer, triplets: Any, batch_size: int, progress: bool) -> TripletFeatures:
+    """:func:`encode_triplets` in the caller's precision."""
     from tqdm.auto import tqdm
 
     refs, patches, targets = [], [], []
@@ -152,9 +171,9 @@ def encode_triplets(composer: Composer, triplets: Any, batch_size: int = 64, pro
         txt_rows = [i for i, r in enumerate(chunk) if not r.target]
         if img_rows:
             imgs = [triplets.open_image(chunk[i].target) for i in img_rows]
-            tgt[img_rows] = composer.encode_images(imgs).cpu()
+            tgt[img_rows] = composer.encode_images(imgs).cpu().float()
         if txt_rows:
-            tgt[txt_rows] = composer.encode_texts([chunk[i].target_caption for i in txt_rows]).cpu()
+            tgt[txt_rows] = composer.encode_texts([chunk[i].target_caption for i in txt_rows]).cpu().float()
         targets.append(tgt)
     return TripletFeatures(
         torch.cat(refs).cpu(), torch.cat(patches).cpu() if patches else None, torch.cat(targets),
@@ -163,15 +182,17 @@ def encode_triplets(composer: Composer, triplets: Any, batch_size: int = 64, pro
     )
 
 
-def corpus_features(composer: Composer, folder: Any, cache_dir: Path, progress: bool = True) -> Tuple[torch.Tensor, List[str]]:
-    """Normalised pooled features and paths of every decodable image under ``folder`` (cached on disk)."""
+def corpus_features(composer: Composer, folder: Any, cache_dir: Path, progress: bool = True,
+                    precision: str = "no") -> Tuple[torch.Tensor, List[str]]:
+    """Normalised pooled features and paths of every decodable image under ``folder`` (cached on disk; encoded under `precision`)."""
     from ..data.features import FeatureCache
     from ..data.images import list_images
 
     paths = list_images(folder)
     if not paths:
         raise ValueError(f"--corpus {folder}: no images found")
-    cache = FeatureCache.build(composer.backbone, paths, cache_dir, with_patches=False, progress=progress)
+    cache = FeatureCache.build(composer.backbone, paths, cache_dir, with_patches=False, progress=progress,
+                               precision=precision)
     valid = cache.valid_indices()
     feats = torch.from_numpy(cache.pooled[valid].astype("float32"))
     return F.normalize(feats, dim=-1), [cache.paths[i] for i in valid.tolist()]
