@@ -108,7 +108,6 @@ class Composer(nn.Module):
         if config.image_residual:
             self.enable_image_residual()
         self.adapter_keys: List[str] = []
-        self.merged = False  # LoRA folded into the text encoder (merge_adapters): encodes, cannot be saved
         adapters, config.adapters = config.adapters, None  # add_adapters records them again
         try:
             if adapters is not None:
@@ -206,11 +205,15 @@ class Composer(nn.Module):
         """Fold LoRA adapters into the text encoder's weights for deployment; return how many weights were folded."""
         folded = _adapters.merge_adapters(self._text_transformer()[1])
         if folded:
-            self.merged = True
             self.backbone.text_adapters_merged = True
             self.adapter_keys = []  # the LoRA parameters are gone
             self.backbone.invalidate_cache_key()
         return folded
+
+    @property
+    def merged(self) -> bool:
+        """Whether LoRA was folded into the text encoder (merge_adapters): it encodes but cannot be saved."""
+        return self.backbone.text_adapters_merged
 
     def frozen_text(self) -> ContextManager[None]:
         """Within the block, the text encoder is frozen CLIP: composing adapters are off."""

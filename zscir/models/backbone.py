@@ -323,11 +323,8 @@ class Backbone(nn.Module):
                     adapted: bool = False) -> torch.Tensor:
         """Text features [B, D] of strings or token ids: frozen CLIP, or through the adapters with `adapted=True`."""
         ids = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
-        if adapted:
+        with contextlib.nullcontext() if adapted else self.frozen_text():
             feats = self.encode_token_embeddings(self.token_embeddings(ids), ids)
-        else:
-            with self.frozen_text():
-                feats = self.encode_token_embeddings(self.token_embeddings(ids), ids)
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def placeholder_id(self, placeholder: str = PLACEHOLDER) -> int:

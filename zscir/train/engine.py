@@ -387,16 +387,18 @@ class Trainer:
                 # DDP's mean over ranks turns that into the 1-process gradient; parameters that reach the loss
                 # outside the gather (a logit scale) get the full gradient on every rank, which the mean keeps.
                 acc.backward(loss)
+                logging_step = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.cfg.steps
+                grad_norm = None
                 if self.cfg.grad_clip:
                     grad_norm = acc.clip_grad_norm_(self.params, self.cfg.grad_clip)  # returns the pre-clip norm
-                else:
+                elif logging_step:  # without clipping the norm is only needed for the history
                     acc.unscale_gradients()
                     grad_norm = _grad_norm(self.params)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                if logging_step:
                     record = {"step": self.step, "loss": float(loss.detach()), "lr": self.scheduler.get_last_lr()[0],
                               "grad_norm": float(grad_norm)}
                     record.update({k: float(v) for k, v in logs.items()})
