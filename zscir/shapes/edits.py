@@ -39,6 +39,7 @@ class Edit:
     kind: str
     texts: Dict[str, str]
     family: str = "train"
+    negatives: Tuple[Scene, ...] = ()  # hard negatives: the reference and sibling edits of it (ShapesWorld.make_triplets)
 
     @property
     def text(self) -> str:
@@ -58,6 +59,7 @@ class Edit:
             "kind": self.kind,
             "texts": dict(self.texts),
             "family": self.family,
+            **({"negatives": [n.to_dict() for n in self.negatives]} if self.negatives else {}),
         }
 
 

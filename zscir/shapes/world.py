@@ -1,6 +1,7 @@
 """The shapes world: seeded caption sets, training triplets and evaluation sets, and their folder exports."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -182,15 +183,41 @@ class ShapesWorld:
         stream: str = "triplets",
         kind_weights: Optional[Mapping[str, float]] = None,
         progress: bool = False,
+        negatives: int = 0,
     ) -> List[Edit]:
-        """`n` (reference, text, target) edits; kinds drawn by `kind_weights` (uniform when None)."""
+        """`n` (reference, text, target) edits; kinds drawn by `kind_weights` (uniform when None).
+
+        With `negatives` > 0 each edit carries hard negatives: its reference, then up to `negatives`
+        siblings (other edits of the same reference). They come from their own random stream, so the
+        edits are the same with or without them.
+        """
         _check_family(family)
+        if negatives < 0:
+            raise ValueError(f"make_triplets: negatives must be >= 0, got {negatives}")
         kinds, weights = _normalise_weights(kind_weights)
         rng = self.rng(stream)
+        neg_rng = self.rng(f"{stream}/negatives")
         out = []
         for _ in _progress(range(n), n, "triplets", progress):
             kind = rng.choices(kinds, weights=weights)[0]
-            out.append(self._edit_of_kind(kind, rng).with_family(family))
+            edit = self._edit_of_kind(kind, rng).with_family(family)
+            if negatives:
+                siblings = self.siblings(edit, negatives, neg_rng)
+                edit = dataclasses.replace(edit, negatives=(edit.source, *siblings))
+            out.append(edit)
+        return out
+
+    def siblings(self, edit: Edit, n: int, rng: random.Random) -> List[Scene]:
+        """Up to `n` targets of other random edits of `edit`'s reference (distinct from its target and reference)."""
+        out: List[Scene] = []
+        seen = {edit.target.key, edit.source.key}
+        for _attempt in range(n * 10):
+            if len(out) >= n:
+                break
+            other = EDIT_KINDS.get(rng.choice(ALL_KINDS))(edit.source, rng)
+            if other is not None and other.target.key not in seen:
+                seen.add(other.target.key)
+                out.append(other.target)
         return out
 
     def make_eval_set(
@@ -228,15 +255,7 @@ class ShapesWorld:
         for _ in _progress(range(n_queries), n_queries, "eval queries", progress):
             kind = rng.choices(kinds, weights=weights)[0]
             edit = self._edit_of_kind(kind, rng).with_family(family)
-            siblings: List[Scene] = []
-            seen = {edit.target.key, edit.source.key}
-            for _attempt in range(siblings_per_query * 10):
-                if len(siblings) >= siblings_per_query:
-                    break
-                other = EDIT_KINDS.get(rng.choice(ALL_KINDS))(edit.source, rng)
-                if other is not None and other.target.key not in seen:
-                    seen.add(other.target.key)
-                    siblings.append(other.target)
+            siblings = self.siblings(edit, siblings_per_query, rng)
             for scene in (edit.source, edit.target, *siblings):
                 put(scene)
             drafts.append((edit, tuple(s.key for s in siblings)))
@@ -324,17 +343,17 @@ class ShapesWorld:
         return folder
 
     def export_triplets(self, edits: Sequence[Edit], folder: Union[str, Path], progress: bool = True) -> Path:
-        """Write edits as images/ + triplets.jsonl (reference, modification in each edit's family, target, kind)."""
+        """Write edits as images/ + triplets.jsonl (reference, modification in each edit's family, target, kind, negatives)."""
         folder = Path(folder)
         scenes = [s for e in edits for s in (e.source, e.target)]
+        scenes += [s for e in edits for s in e.negatives]
         paths = self._write_images(scenes, folder, progress)
-        lines = [
-            json.dumps(
-                {"reference": paths[e.source.key], "modification": e.text, "target": paths[e.target.key], "kind": e.kind},
-                sort_keys=True,
-            )
-            for e in edits
-        ]
+        lines = []
+        for e in edits:
+            row = {"reference": paths[e.source.key], "modification": e.text, "target": paths[e.target.key], "kind": e.kind}
+            if e.negatives:
+                row["negatives"] = [paths[s.key] for s in e.negatives]
+            lines.append(json.dumps(row, sort_keys=True))
         _atomic_write_text(folder / "triplets.jsonl", "".join(line + "\n" for line in lines))
         self._write_world(folder)
         return folder
