@@ -20,7 +20,7 @@ from ..composer import Composer
 from ..precision import autocast, resolve_precision
 
 __all__ = [
-    "Corpus", "FeatureSource", "TripletFeatures", "check_patch_tokens", "corpus_features", "encode_triplets",
+    "Corpus", "FeatureSource", "TripletFeatures", "check_patch_tokens", "corpus_features", "encode_triplets", "mask_false_negatives",
     "shapes_features",
     "shapes_triplet_features", "text_features",
 ]
@@ -65,6 +65,8 @@ class TripletFeatures:
     kinds: List[str]
     ref_ids: List[str]
     target_ids: List[str]
+    negatives: Optional[torch.Tensor] = None  # [N, K, D] normalised explicit hard negatives (padded)
+    negative_valid: Optional[torch.Tensor] = None  # [N, K] bool: False for padding and masked false negatives
 
     def __len__(self) -> int:
         return len(self.modifications)
@@ -73,6 +75,14 @@ class TripletFeatures:
         """An integer per triplet, equal for triplets that share the same target image/caption."""
         codes: Dict[str, int] = {}
         return torch.tensor([codes.setdefault(t, len(codes)) for t in self.target_ids], dtype=torch.long)
+
+
+def mask_false_negatives(target: torch.Tensor, negatives: torch.Tensor, valid: torch.Tensor,
+                         threshold: float) -> Tuple[torch.Tensor, int]:
+    """`valid` [N, K] with negatives whose cosine to their target [N, D] is >= `threshold` masked; and how many were."""
+    close = torch.einsum("nd,nkd->nk", F.normalize(target.float(), dim=-1), F.normalize(negatives.float(), dim=-1)) >= threshold
+    masked = close & valid
+    return valid & ~close, int(masked.sum())
 
 
 @dataclasses.dataclass
