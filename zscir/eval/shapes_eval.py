@@ -5,7 +5,11 @@ of targets, references, sibling hard negatives and random scenes), caches the
 frozen CLIP features, and scores any query encoder against it:
 Recall@{1,5,10,50} (a hit is any gallery image with the target's content),
 Recall@10 per modification kind and its mean over kinds. The baselines every
-table compares against (image only, text only, image + text sum) are here too.
+table compares against (image only, text only, image + text sum) and the text
+ceilings (:meth:`ShapesBenchmark.oracle_rows`) are here too.
+
+Two splits with the same protocol and disjoint random streams: ``val`` is where
+defaults and ablations are chosen, ``test`` (the demo's table) is reported once.
 """
 from __future__ import annotations
 
@@ -20,17 +24,21 @@ from .metrics import recall_at_ks
 
 QueryEncoder = Callable[[torch.Tensor, Optional[torch.Tensor], List[str]], torch.Tensor]
 KS = (1, 5, 10, 50)
+SPLIT_STREAMS = {"test": "eval", "val": "val"}  # the test stream keeps its historical name: same queries as before
 
 
 class ShapesBenchmark:
     """A rendered shapes-world evaluation set with cached CLIP features."""
 
-    def __init__(self, backbone, world, n_queries: int = 1000, family: str = "eval", stream: str = "eval",
+    def __init__(self, backbone, world, n_queries: int = 1000, family: str = "eval", stream: Optional[str] = None,
                  n_random: Optional[int] = None, kind_weights: Optional[Mapping[str, float]] = None,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, split: str = "test") -> None:
         from ..shapes import render_array
 
-        self.backbone, self.world = backbone, world
+        if split not in SPLIT_STREAMS:
+            raise ValueError(f"ShapesBenchmark: split must be one of {sorted(SPLIT_STREAMS)}, got {split!r}")
+        stream = stream or SPLIT_STREAMS[split]
+        self.backbone, self.world, self.split = backbone, world, split
         self.eval_set = world.make_eval_set(n_queries, n_random=n_random, family=family, stream=stream,
                                             kind_weights=kind_weights)
         gallery = list(self.eval_set.gallery)
@@ -83,6 +91,24 @@ class ShapesBenchmark:
     def rankings(self, encode: QueryEncoder, k: int = 5) -> torch.Tensor:
         """Top-k gallery indices per query."""
         return exact_topk(self.query_embeddings(encode), self.gallery, k)[1]
+
+    @torch.no_grad()
+    def evaluate_texts(self, texts: Sequence[str], batch_size: int = 256) -> Dict[str, float]:
+        """Score queries given as one text per query, encoded by the frozen text encoder."""
+        feats = [self.backbone.encode_text(list(texts[s: s + batch_size]), normalize=True)
+                 for s in range(0, len(texts), batch_size)]
+        return self.score(F.normalize(torch.cat(feats).float(), dim=-1))
+
+    def oracle_rows(self) -> Dict[str, Dict[str, float]]:
+        """Text ceilings: the target's complete caption, and the reference's caption followed by the modification."""
+        from ..shapes import full_caption
+
+        gallery = self.eval_set.gallery
+        queries = self.eval_set.queries
+        target = [full_caption(q.edit.target) for q in queries]
+        ref_plus = [f"{full_caption(gallery[q.reference_index])}, {q.text}" for q in queries]
+        return {"target caption (oracle)": self.evaluate_texts(target),
+                "reference caption + text": self.evaluate_texts(ref_plus)}
 
 
 def image_only(backbone) -> QueryEncoder:

@@ -130,11 +130,19 @@ def shapes_features(composer: Composer, scenes: Sequence[Any], image_size: int, 
 
 @torch.no_grad()
 def shapes_triplet_features(composer: Composer, edits: Sequence[Any], image_size: int = 64,
-                            batch_size: int = 256) -> TripletFeatures:
-    """Frozen features of shapes-world edits (scenes rendered in memory; reference patches pooled to phi's grid)."""
+                            batch_size: int = 256, dup_threshold: float = 0.995) -> TripletFeatures:
+    """Frozen features of shapes-world edits (scenes rendered in memory; reference patches pooled to phi's grid).
+
+    Edits that carry hard negatives (``ShapesWorld.make_triplets(negatives=K)``) give
+    ``negatives`` [N, K+1, D]; negatives within `dup_threshold` cosine of their target are masked.
+    """
     from ..shapes import render_array
 
     bb = composer.backbone
+
+    def encode(scenes: Sequence[Any]) -> torch.Tensor:
+        return F.normalize(bb.encode_image(bb.pixels_from_uint8(render_array(scenes, image_size)), with_patches=False).pooled, dim=-1)
+
     refs, patches, targets = [], [], []
     for s in range(0, len(edits), batch_size):
         chunk = edits[s: s + batch_size]
@@ -142,10 +150,22 @@ def shapes_triplet_features(composer: Composer, edits: Sequence[Any], image_size
                                         with_patches=True)
         refs.append(p)
         patches.append(pt)
-        g = bb.encode_image(bb.pixels_from_uint8(render_array([e.target for e in chunk], image_size)), with_patches=False)
-        targets.append(F.normalize(g.pooled, dim=-1))
-    return TripletFeatures(torch.cat(refs), torch.cat(patches), torch.cat(targets), [e.text for e in edits],
-                           [e.kind for e in edits], [e.source.key for e in edits], [e.target.key for e in edits])
+        targets.append(encode([e.target for e in chunk]))
+    feats = TripletFeatures(torch.cat(refs), torch.cat(patches), torch.cat(targets), [e.text for e in edits],
+                            [e.kind for e in edits], [e.source.key for e in edits], [e.target.key for e in edits])
+    k = max((len(e.negatives) for e in edits), default=0)
+    if k == 0:
+        return feats
+    flat = [(i, j, scene) for i, e in enumerate(edits) for j, scene in enumerate(e.negatives)]
+    negatives = torch.zeros(len(edits), k, bb.embed_dim)
+    valid = torch.zeros(len(edits), k, dtype=torch.bool)
+    for s in range(0, len(flat), batch_size):
+        chunk = flat[s: s + batch_size]
+        rows, cols = torch.tensor([c[0] for c in chunk]), torch.tensor([c[1] for c in chunk])
+        negatives[rows, cols] = encode([c[2] for c in chunk]).float()
+        valid[rows, cols] = True
+    valid, _ = mask_false_negatives(feats.target, negatives, valid, dup_threshold)
+    return dataclasses.replace(feats, negatives=negatives, negative_valid=valid)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The built-in Stage-II negatives: the reference image, query-side negatives, mined corpus images."""
+"""The built-in Stage-II negatives: the triplets' own, the reference image, query-side negatives, mined corpus images."""
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
@@ -8,7 +8,37 @@ import torch
 from ...losses import clamped_scale, duplicate_mask, target_to_query_info_nce
 from .base import STAGE2_COMPONENTS, ComponentContext, Stage2Component
 
-__all__ = ["MinedNegatives", "QueryNegative", "ReferenceNegative"]
+__all__ = ["ExplicitNegatives", "MinedNegatives", "QueryNegative", "ReferenceNegative"]
+
+
+@STAGE2_COMPONENTS.register("explicit")
+class ExplicitNegatives(Stage2Component):
+    """The hard negatives the triplet data carries (``TripletFeatures.negatives``), masked where invalid."""
+
+    name = "explicit"
+
+    def __init__(self, ctx: ComponentContext, options: Dict[str, Any]) -> None:
+        super().__init__(ctx, options)
+        if ctx.triplets.negatives is None:
+            raise ValueError("the 'explicit' component needs triplets that carry negatives "
+                             "(a 'negatives' field in the triplet file; zscir make-triplets --negatives K)")
+
+    def prepare_batch(self, batch: Dict[str, Any], indices: torch.Tensor) -> None:
+        """Attach the batch rows' negatives and their drop-mask."""
+        t = self.ctx.triplets
+        dev = batch["target"].device
+        batch["explicit"] = t.negatives[indices].to(dev)
+        batch["explicit_invalid"] = (~t.negative_valid[indices]).to(dev)
+
+    def forward(self, module: Any, batch: Dict[str, Any], out: Dict[str, torch.Tensor]) -> None:
+        """Pass the negatives through (gathered with the batch)."""
+        out["explicit"] = batch["explicit"]
+        out["explicit_invalid"] = batch["explicit_invalid"].float()  # float: all-gathers on gloo
+
+    def extra_negatives(self, out: Dict[str, torch.Tensor],
+                        batch: Dict[str, Any]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """[B, K, D] explicit negatives and their drop-mask."""
+        return out["explicit"], out["explicit_invalid"] > 0
 
 
 @STAGE2_COMPONENTS.register("reference")
