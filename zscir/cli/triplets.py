@@ -61,6 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "[num_images, dim], rows in the order images first appear in --captions")
     parser.add_argument("--text-editor", help="llm-edit: module:function taking a caption, returning (modification, target caption) or None")
     parser.add_argument("--pair-describer", help="pair modes: module:function taking (reference caption, target caption), returning a modification or None")
+    parser.add_argument("--negatives", type=int, default=3, metavar="K",
+                        help="hard negatives per triplet (0: none): caption-edit, other words of the edited class in "
+                        "the edited slot; caption-pair, images with a third word there; similarity-pair, images in the "
+                        "target-relative band (--negative-band); shapes, the reference and K sibling edits; llm-edit: none")
+    parser.add_argument("--negative-band", type=float, nargs=2, default=(-0.05, 0.05), metavar=("LO", "HI"),
+                        help="similarity-pair negatives: images c with LO <= s(r, c) - s(r, t) <= HI (cosine; "
+                        "never the reference, the target or a near duplicate of it)")
     parser.add_argument("--shapes", type=int, default=0, metavar="N", help="add N shapes-world triplets (training phrasing)")
     parser.add_argument("--long-tail", action="store_true", help="shapes: draw edit kinds with LONG_TAIL_WEIGHTS")
     parser.add_argument("--shapes-image-size", type=int, default=64, help="shapes: image side in pixels")
@@ -85,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         long_tail=args.long_tail,
         shapes_image_size=args.shapes_image_size,
         check_images=not args.no_check_images,
+        negatives=args.negatives,
+        negative_lo=args.negative_band[0],
+        negative_hi=args.negative_band[1],
     )
     embeddings = _load_embeddings(args.embeddings) if args.embeddings else None
     editor = _import_callable(args.text_editor, "--text-editor") if args.text_editor else None

@@ -6,21 +6,30 @@ A triplet set is read from one of three formats, all with the same fields:
 
       {"reference": "images/a.png", "modification": "make it red", "target": "images/b.png", "kind": "color"}
       {"reference": "images/c.png", "modification": "a wooden chair instead", "target_caption": "a wooden chair"}
+      {"reference": "images/a.png", "modification": "make it red", "target": "images/b.png", "negatives": ["images/d.png"]}
 
-* **CSV** (``.csv``) with a header row naming the fields; empty cells are absent values.
+* **CSV** (``.csv``) with a header row naming the fields; empty cells are absent values;
+  a ``negatives`` cell holds a JSON array or ``|``-separated values.
 * **Hugging Face** ``datasets.Dataset`` (or a name / ``save_to_disk`` folder) with those
   columns; image columns may hold paths or images (``datasets.Image`` features, PIL
   images or encoded bytes), which are kept in memory and referred to by a
-  content id ``mem:<hash>``.
+  content id ``mem:<hash>``; ``negatives`` is a list column (of strings or images) or a string column.
 
 Fields (strict: any other field is an error): ``reference`` (required),
 ``modification`` (required, not blank), ``target`` (image), ``target_caption``,
-``kind`` and ``id`` (optional). At least one of ``target`` / ``target_caption``
+``kind``, ``id`` and ``negatives`` (optional). At least one of ``target`` / ``target_caption``
 is required; when both are given the target image is the training target and
 the caption is kept alongside. Relative image paths are resolved against
 ``image_root`` (default: the folder of the file). Every problem in a file (bad
 JSON, unknown fields, blank texts, missing images, ...) is collected and reported
 in one :class:`TripletFileError` that names the file and line of each.
+
+``negatives`` are explicit hard negatives of the same type as the training
+target: images (resolved like ``target``) when the row has a target image,
+captions when it has only ``target_caption``. A bad negative (a missing image,
+the target itself, an empty string, a repeat within the row) is not an error:
+it is dropped, listed in :attr:`TripletSet.negative_problems` with its file and
+line, and counted in one warning.
 """
 from __future__ import annotations
 
@@ -47,13 +56,15 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: Fields a triplet row may have, in output order.
-ALLOWED_FIELDS: Tuple[str, ...] = ("id", "reference", "modification", "target", "target_caption", "kind")
+ALLOWED_FIELDS: Tuple[str, ...] = ("id", "reference", "modification", "target", "target_caption", "kind", "negatives")
 REQUIRED_FIELDS: Tuple[str, ...] = ("reference", "modification")
 IMAGE_FIELDS: Tuple[str, ...] = ("reference", "target")
 #: Prefix of image references that live in memory (images stored inside a dataset), not on disk.
 MEMORY_PREFIX = "mem:"
 #: At most this many problems are printed in a TripletFileError; the rest are counted.
 MAX_PROBLEMS_SHOWN = 50
+#: Dropped negatives named in the one warning of :meth:`TripletSet.check_negatives`.
+NEGATIVE_PROBLEMS_LOGGED = 5
 #: open_clip's end-of-text token id, used when a tokenizer does not name its own.
 DEFAULT_EOT_ID = 49407
 
@@ -96,15 +107,25 @@ class Triplet:
     kind: Optional[str] = None
     line: int = 0
     id: Optional[str] = None
+    #: hard negatives: image references when the target is an image, else captions
+    negatives: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.negatives, tuple):  # lists from callers; frozen rows stay hashable
+            object.__setattr__(self, "negatives", tuple(self.negatives))
 
     @property
     def has_target_image(self) -> bool:
         """True when the training target is an image (it wins over a caption when both exist)."""
         return self.target is not None
 
-    def to_dict(self) -> Dict[str, str]:
-        """The row as written to JSONL: set fields only, no line number."""
-        return {name: getattr(self, name) for name in ALLOWED_FIELDS if getattr(self, name) is not None}
+    def to_dict(self) -> Dict[str, Any]:
+        """The row as written to JSONL: set fields only (negatives as a list, when any), no line number."""
+        out: Dict[str, Any] = {name: getattr(self, name) for name in ALLOWED_FIELDS
+                               if name != "negatives" and getattr(self, name) is not None}
+        if self.negatives:
+            out["negatives"] = list(self.negatives)
+        return out
 
 
 # ------------------------------------------------------------------------- tokens
@@ -216,6 +237,8 @@ class TripletSet(SequenceABC):
         self.num_truncated = 0
         #: positions whose modification text :meth:`corrupt` replaced
         self.corrupted: Tuple[int, ...] = ()
+        #: negatives :meth:`check_negatives` dropped, one "<file>:<line>: <reason>" each
+        self.negative_problems: List[str] = []
 
     # sequence protocol
     def __len__(self) -> int:
@@ -238,6 +261,7 @@ class TripletSet(SequenceABC):
     def _derive(self, triplets: Iterable[Triplet]) -> "TripletSet":
         out = TripletSet(triplets, self.root, self.source, self.memory_images)
         out.num_truncated = self.num_truncated
+        out.negative_problems = list(self.negative_problems)
         return out
 
     # images
@@ -263,12 +287,14 @@ class TripletSet(SequenceABC):
         return load_image(self.image_path(ref))
 
     def image_refs(self) -> List[str]:
-        """Every distinct image reference (references and target images), in order of first appearance."""
+        """Every distinct image reference (references, target and negative images), in order of first appearance."""
         seen: Dict[str, None] = {}
         for t in self.triplets:
             seen.setdefault(t.reference, None)
             if t.target is not None:
                 seen.setdefault(t.target, None)
+                for ref in t.negatives:
+                    seen.setdefault(ref, None)
         return list(seen)
 
     def image_source(self, refs: Optional[Sequence[str]] = None) -> TripletImageSource:
@@ -310,6 +336,65 @@ class TripletSet(SequenceABC):
                         out.append(f"{at}: {name} image not found: {path}")
         return out
 
+    def _same_key(self, t: Triplet, value: str) -> str:
+        """What makes two targets/negatives of `t` the same: the resolved image path, or the normalised caption."""
+        if not t.has_target_image:
+            return " ".join(value.lower().split())
+        if value.startswith(MEMORY_PREFIX):
+            return value
+        return os.path.normpath(os.path.abspath(self.image_path(value)))
+
+    def check_negatives(self, check_images: bool = True,
+                        where: Optional[Callable[[Triplet], str]] = None) -> "TripletSet":
+        """A copy without unusable negatives (empty, the target, repeated, missing image), listed in `negative_problems`.
+
+        Image negatives are resolved exactly like the target (relative to `root`,
+        absolute, or ``mem:``); with `check_images` their files must exist. One
+        warning reports how many were dropped and names the first few.
+        """
+        where = where or (lambda t: f"{self.source}:{t.line}")
+        checker = FileChecker()
+        problems: List[str] = []
+        rows: List[Triplet] = []
+        rows_hit = 0
+        for t in self.triplets:
+            target = t.target if t.has_target_image else t.target_caption
+            if not t.negatives or target is None:
+                rows.append(t)
+                continue
+            at, before = where(t), len(problems)
+            target_key = self._same_key(t, target)
+            first: Dict[str, int] = {}
+            kept: List[str] = []
+            for pos, neg in enumerate(t.negatives, 1):
+                if not neg.strip():
+                    problems.append(f"{at}: negative {pos} is empty")
+                    continue
+                key = self._same_key(t, neg)
+                if key == target_key:
+                    problems.append(f"{at}: negative {pos} {neg!r} is the target itself")
+                elif key in first:
+                    problems.append(f"{at}: negative {pos} {neg!r} repeats negative {first[key]}")
+                elif t.has_target_image and neg.startswith(MEMORY_PREFIX) and neg not in self.memory_images:
+                    problems.append(f"{at}: negative {pos} {neg!r} names an in-memory image that this set does not hold")
+                elif (t.has_target_image and check_images and not neg.startswith(MEMORY_PREFIX)
+                      and not checker.exists(self.image_path(neg))):
+                    problems.append(f"{at}: negative {pos} image not found: {self.image_path(neg)}")
+                else:
+                    first[key] = pos
+                    kept.append(neg)
+            rows_hit += len(problems) > before
+            rows.append(dataclasses.replace(t, negatives=tuple(kept)) if len(problems) > before else t)
+        out = self._derive(rows)
+        out.corrupted = self.corrupted
+        out.negative_problems = list(self.negative_problems) + problems
+        if problems:
+            logger.warning(
+                "%s: dropped %d unusable negative(s) in %d triplet(s) (listed in negative_problems); first: %s",
+                self.source, len(problems), rows_hit, "; ".join(problems[:NEGATIVE_PROBLEMS_LOGGED]),
+            )
+        return out
+
     def validate(self, check_images: bool = True) -> "TripletSet":
         """Raise :class:`TripletFileError` listing every problem; return self when there are none."""
         problems = self.problems(check_images)
@@ -330,7 +415,7 @@ class TripletSet(SequenceABC):
         """A copy whose texts fit the text tower: cut by words until tokens + overhead <= context_length.
 
         A modification text may use ``context_length - prompt_overhead`` tokens,
-        a target caption ``context_length - caption_overhead`` (token counts
+        a target caption (and a caption negative) ``context_length - caption_overhead`` (token counts
         include the start and end-of-text tokens; the overheads are the tokens the
         surrounding prompt adds, pseudo-word slots included). One warning reports
         how many texts were shortened; the copy records it in ``num_truncated``.
@@ -342,21 +427,30 @@ class TripletSet(SequenceABC):
                     f"context_length={context_length} leaves {limit} token(s) for {name} after the prompt overhead; "
                     "at least 3 are needed"
                 )
-        new_texts: Dict[Tuple[int, str], str] = {}
+        # (row, field, negative position or -1) -> shortened text; caption negatives are encoded like target captions
+        new_texts: Dict[Tuple[int, str, int], str] = {}
         for name, limit in limits.items():
-            positions = [i for i, t in enumerate(self.triplets) if getattr(t, name) is not None]
-            texts = [getattr(self.triplets[i], name) for i in positions]
-            for i, text, n in zip(positions, texts, count_tokens(tokenizer, texts, limit)):
+            slots = [(i, -1) for i, t in enumerate(self.triplets) if getattr(t, name) is not None]
+            if name == "target_caption":
+                slots += [(i, k) for i, t in enumerate(self.triplets) if not t.has_target_image
+                          for k in range(len(t.negatives))]
+            texts = [getattr(self.triplets[i], name) if k < 0 else self.triplets[i].negatives[k] for i, k in slots]
+            for (i, k), text, n in zip(slots, texts, count_tokens(tokenizer, texts, limit)):
                 if n > limit:
-                    new_texts[(i, name)] = _fit_text(tokenizer, text, limit)
+                    new_texts[(i, name if k < 0 else "negatives", k)] = _fit_text(tokenizer, text, limit)
         rows = list(self.triplets)
-        for (i, name), text in new_texts.items():
-            rows[i] = dataclasses.replace(rows[i], **{name: text})
+        for (i, name, k), text in new_texts.items():
+            if name == "negatives":
+                negatives = list(rows[i].negatives)
+                negatives[k] = text
+                rows[i] = dataclasses.replace(rows[i], negatives=tuple(negatives))
+            else:
+                rows[i] = dataclasses.replace(rows[i], **{name: text})
         out = self._derive(rows)
         out.num_truncated = self.num_truncated + len(new_texts)
         out.corrupted = self.corrupted
         if new_texts:
-            lines = sorted({rows[i].line for i, _ in new_texts})
+            lines = sorted({rows[i].line for i, _, _ in new_texts})
             logger.warning(
                 "%s: truncated %d over-long text(s) in %d triplet(s) to fit context length %d "
                 "(prompt overhead %d, caption overhead %d); first lines: %s",
@@ -403,7 +497,7 @@ class TripletSet(SequenceABC):
         """Write the set as JSONL (atomically) that :func:`load_triplets` reads back without an image root.
 
         Image paths are written relative to `relative_to` (default: the folder of
-        `path`) where possible. In-memory images are saved as PNG files into
+        `path`) where possible (image negatives too). In-memory images are saved as PNG files into
         `image_dir` (default: ``<stem>_images`` next to `path`).
         """
         path = Path(path)
@@ -434,7 +528,8 @@ class TripletSet(SequenceABC):
 
         lines = []
         for t in self.triplets:
-            row = dataclasses.replace(t, reference=place(t.reference), target=place(t.target)).to_dict()
+            negatives = tuple(place(n) for n in t.negatives) if t.has_target_image else t.negatives
+            row = dataclasses.replace(t, reference=place(t.reference), target=place(t.target), negatives=negatives).to_dict()
             lines.append(json.dumps(row, ensure_ascii=False))
         atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
         return path
@@ -470,6 +565,35 @@ def _clean_optional(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def _parse_negatives(value: Any, at: str, problems: List[str]) -> Optional[Tuple[str, ...]]:
+    """The ``negatives`` field as a tuple (a string is one negative, absent or "" none, null items empty); None when malformed."""
+    if value is None or (isinstance(value, str) and value == ""):
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        problems.append(f"{at}: field 'negatives' must be a list of strings or a string, got {type(value).__name__}")
+        return None
+    bad = [f"{at}: field 'negatives' item {k} must be a string, got {type(v).__name__}"
+           for k, v in enumerate(value, 1) if v is not None and not isinstance(v, str)]
+    problems.extend(bad)
+    return None if bad else tuple("" if v is None else v for v in value)  # null: an empty negative, dropped later
+
+
+def _csv_negatives(cell: str, at: str, problems: List[str]) -> Any:
+    """A CSV ``negatives`` cell: a JSON array, or ``|``-separated values (spaces around ``|`` ignored); empty: none."""
+    text = cell.strip()
+    if not text:
+        return None
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            problems.append(f"{at}: field 'negatives' is not a valid JSON array ({err.msg} at column {err.colno})")
+            return None
+    return [part.strip() for part in text.split("|")]
+
+
 def _row_to_triplet(row: Dict[str, Any], at: str, line: int, problems: List[str]) -> Optional[Triplet]:
     """Check field names and types of one raw row and build a Triplet (None when the row is unusable)."""
     if not isinstance(row, dict):
@@ -478,9 +602,12 @@ def _row_to_triplet(row: Dict[str, Any], at: str, line: int, problems: List[str]
     unknown = sorted(set(row) - set(ALLOWED_FIELDS))
     if unknown:
         problems.append(f"{at}: unknown field(s) {unknown}; allowed fields: {list(ALLOWED_FIELDS)}")
-    ok = True
+    negatives = _parse_negatives(row.get("negatives"), at, problems)
+    ok = negatives is not None
     values: Dict[str, Optional[str]] = {}
     for name in ALLOWED_FIELDS:
+        if name == "negatives":
+            continue
         value = row.get(name)
         if name == "id" and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
@@ -503,20 +630,21 @@ def _row_to_triplet(row: Dict[str, Any], at: str, line: int, problems: List[str]
         kind=_clean_optional(values.get("kind")),
         line=line,
         id=_clean_optional(values.get("id")),
+        negatives=negatives or (),
     )
 
 
 def _finish(triplets: List[Triplet], problems: List[str], source: str, root: Optional[Path],
             check_images: bool, memory: Optional[Dict[str, MemoryImage]] = None,
             where: Optional[Callable[[Triplet], str]] = None) -> TripletSet:
-    """Run the semantic checks and raise one error with every problem, or return the set."""
+    """Run the semantic checks and raise one error with every problem, or return the set (bad negatives dropped)."""
     out = TripletSet(triplets, root, source, memory)
     problems = problems + out.problems(check_images, where)
     if not triplets and not problems:
         problems.append("no triplets found")
     if problems:
         raise TripletFileError(source, problems)
-    return out
+    return out.check_negatives(check_images, where)
 
 
 def _read_lines(path: Path) -> List[Tuple[int, str]]:
@@ -626,7 +754,10 @@ def _load_csv(path: Path, image_root: Optional[PathLike], check_images: bool) ->
         if len(cells) != len(header):
             problems.append(f"{at}: {len(cells)} cell(s) but the header has {len(header)} column(s)")
             continue
-        t = _row_to_triplet(dict(zip(header, cells)), at, lineno, problems)
+        row = dict(zip(header, cells))
+        if "negatives" in row:
+            row["negatives"] = _csv_negatives(row["negatives"], at, problems)
+        t = _row_to_triplet(row, at, lineno, problems)
         if t is not None:
             triplets.append(t)
     return _finish(triplets, problems, str(path), root, check_images)
@@ -658,6 +789,28 @@ def _hf_dataset(dataset_or_name: Any, split: str) -> Tuple[Any, str]:
     return obj, label
 
 
+def _hf_image_value(value: Any, what: str, memory: Dict[str, MemoryImage], problems: List[str],
+                    empty: Optional[str] = None) -> Any:
+    """A dataset image cell as a reference: images and bytes kept in `memory` under a ``mem:`` id, paths as strings.
+
+    Empty bytes are a problem, or become `empty` when given (a negative: dropped later, not fatal).
+    """
+    if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, (bytes, bytearray, Image.Image)):
+        if isinstance(value, (bytes, bytearray)) and not value:
+            if empty is not None:
+                return empty
+            problems.append(f"{what} image bytes are empty")
+            return None
+        ref = _memory_ref(value)
+        memory.setdefault(ref, bytes(value) if isinstance(value, bytearray) else value)
+        return ref
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
 def _load_hf(dataset_or_name: Any, split: str, image_root: Optional[PathLike], check_images: bool) -> TripletSet:
     import datasets
 
@@ -669,6 +822,8 @@ def _load_hf(dataset_or_name: Any, split: str, image_root: Optional[PathLike], c
         # encoded bytes are smaller than decoded images and corrupt ones fail later with a name, not here
         if name in ds.column_names and isinstance(ds.features[name], datasets.Image):
             ds = ds.cast_column(name, datasets.Image(decode=False))
+    if "negatives" in ds.column_names and isinstance(getattr(ds.features["negatives"], "feature", None), datasets.Image):
+        ds = ds.cast_column("negatives", datasets.List(datasets.Image(decode=False)))
     memory: Dict[str, MemoryImage] = {}
     problems: List[str] = []
     triplets: List[Triplet] = []
@@ -677,22 +832,11 @@ def _load_hf(dataset_or_name: Any, split: str, image_root: Optional[PathLike], c
         at = f"{label} row {line}"
         row = dict(row)
         for name in IMAGE_FIELDS:
-            if name not in row:
-                continue
-            value = row[name]
-            if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
-                value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
-            if isinstance(value, (bytes, bytearray, Image.Image)):
-                if isinstance(value, (bytes, bytearray)) and not value:
-                    problems.append(f"{at}: {name} image bytes are empty")
-                    value = None
-                else:
-                    ref = _memory_ref(value)
-                    memory.setdefault(ref, bytes(value) if isinstance(value, bytearray) else value)
-                    value = ref
-            elif isinstance(value, os.PathLike):
-                value = os.fspath(value)
-            row[name] = value
+            if name in row:
+                row[name] = _hf_image_value(row[name], f"{at}: {name}", memory, problems)
+        if isinstance(row.get("negatives"), (list, tuple)):
+            row["negatives"] = [_hf_image_value(v, f"{at}: negative", memory, problems, empty="")
+                                for v in row["negatives"]]
         t = _row_to_triplet(row, at, line, problems)
         if t is not None:
             triplets.append(t)

@@ -3,7 +3,8 @@
 ``exact`` (chunked exact top-k) <- ``store`` (the embedding store: the index, the
 evaluation gallery cache and the Stage-I feature cache use it) <- ``backends``
 (FAISS structures, exact re-rank) <- ``index`` (:class:`EmbeddingIndex`);
-``rerank`` diffuses top-K scores over the candidates' kNN graph. Nothing here
+``rerank`` diffuses top-K scores over the candidates' kNN graph; ``zones`` samples
+target-relative mid-zone candidates (DQE-CIR). Nothing here
 imports a model: functions that need one take it as an argument. The
 function ``rerank`` stays in :mod:`zscir.search.rerank` (exported here, its
 name would hide the module).
@@ -14,6 +15,7 @@ from .exact import exact_topk
 from .index import IMAGE_ROOT_FILE, INDEX_EMBEDDINGS, INDEX_IDS, INDEX_META, METRICS, EmbeddingIndex, model_key_of
 from .rerank import RerankConfig, knn_affinity, rerank_search
 from .store import ArraySpec, EmbeddingStore, StoreAppend, StoreError
+from .zones import mid_zone_table
 
 __all__ = [
     "ArraySpec",
@@ -38,6 +40,7 @@ __all__ = [
     "exact_rerank",
     "exact_topk",
     "knn_affinity",
+    "mid_zone_table",
     "model_key_of",
     "rerank_search",
 ]

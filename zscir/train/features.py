@@ -9,6 +9,7 @@ computed once with the frozen backbone; the on-disk cache of folder images is
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -17,7 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from ..composer import Composer
+from ..data.images import ImageLoadError
 from ..precision import autocast, resolve_precision
+
+logger = logging.getLogger(__name__)
+#: Explicit negatives at least this close (cosine) to their target count as the target (masked).
+NEGATIVE_DUP_THRESHOLD = 0.995
+#: Undecodable negative images named in the warning of :func:`encode_triplets`.
+FAILED_NEGATIVES_LOGGED = 5
 
 __all__ = [
     "Corpus", "FeatureSource", "TripletFeatures", "check_patch_tokens", "corpus_features", "encode_triplets", "mask_false_negatives",
@@ -170,16 +178,33 @@ def shapes_triplet_features(composer: Composer, edits: Sequence[Any], image_size
 
 @torch.no_grad()
 def encode_triplets(composer: Composer, triplets: Any, batch_size: int = 64, progress: bool = True,
-                    precision: str = "no") -> TripletFeatures:
-    """Frozen float32 features of a :class:`zscir.data.triplets.TripletSet` (images loaded robustly; encoded under `precision`)."""
+                    precision: str = "no", dup_threshold: float = NEGATIVE_DUP_THRESHOLD) -> TripletFeatures:
+    """Frozen float32 features of a :class:`zscir.data.triplets.TripletSet` (images loaded robustly; encoded under `precision`).
+
+    Explicit negatives become ``negatives`` [N, K, D] (padded) with ``negative_valid``
+    [N, K]: False for padding, undecodable images (reported) and negatives whose
+    cosine to their target is >= `dup_threshold` (counted in a warning). A set
+    without negatives keeps both None.
+    """
     precision = resolve_precision(precision, composer.device)
     if precision == "no":
-        return _encode_triplets(composer, triplets, batch_size, progress)
-    with autocast(precision, composer.device):
         feats = _encode_triplets(composer, triplets, batch_size, progress)
-    # float32 from here on; targets normalised again in float32 (half-precision normalisation is off by ~1e-3)
-    return dataclasses.replace(feats, ref_pooled=feats.ref_pooled.float(), target=F.normalize(feats.target.float(), dim=-1),
-                               ref_patches=None if feats.ref_patches is None else feats.ref_patches.float())
+    else:
+        with autocast(precision, composer.device):
+            feats = _encode_triplets(composer, triplets, batch_size, progress)
+        # float32 from here on; unit vectors normalised again in float32 (half-precision normalisation is off by ~1e-3)
+        feats = dataclasses.replace(
+            feats, ref_pooled=feats.ref_pooled.float(), target=F.normalize(feats.target.float(), dim=-1),
+            ref_patches=None if feats.ref_patches is None else feats.ref_patches.float(),
+            negatives=None if feats.negatives is None else F.normalize(feats.negatives.float(), dim=-1),
+        )
+    if feats.negatives is None:
+        return feats
+    valid, masked = mask_false_negatives(feats.target, feats.negatives, feats.negative_valid, dup_threshold)
+    if masked:
+        logger.warning("masked %d near-duplicate negative(s) of %d (cosine to the target >= %g)",
+                       masked, int(feats.negative_valid.sum()), dup_threshold)
+    return dataclasses.replace(feats, negative_valid=valid)
 
 
 @torch.no_grad()
@@ -205,11 +230,51 @@ def _encode_triplets(composer: Composer, triplets: Any, batch_size: int, progres
         if txt_rows:
             tgt[txt_rows] = composer.encode_texts([chunk[i].target_caption for i in txt_rows]).cpu().float()
         targets.append(tgt)
+    negatives, negative_valid = _encode_negatives(composer, triplets, rows, batch_size, progress)
     return TripletFeatures(
         torch.cat(refs).cpu(), torch.cat(patches).cpu() if patches else None, torch.cat(targets),
         [r.modification for r in rows], [r.kind or "" for r in rows], [str(r.reference) for r in rows],
-        [str(r.target or r.target_caption) for r in rows],
+        [str(r.target or r.target_caption) for r in rows], negatives, negative_valid,
     )
+
+
+def _encode_negatives(composer: Composer, triplets: Any, rows: Sequence[Any], batch_size: int,
+                      progress: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Normalised negatives [N, K, D] (images like targets, captions with frozen text) and validity [N, K]; None without any."""
+    from tqdm.auto import tqdm
+
+    k = max((len(r.negatives) for r in rows), default=0)
+    if k == 0:
+        return None, None
+    # each distinct image / caption is encoded once (shapes negatives repeat the reference, for one)
+    images = list(dict.fromkeys(n for r in rows if r.target for n in r.negatives))
+    captions = list(dict.fromkeys(n for r in rows if not r.target for n in r.negatives))
+    encoded: Dict[Tuple[bool, str], torch.Tensor] = {}
+    failed: List[str] = []
+    for s in tqdm(range(0, len(images), batch_size), desc="encode negative images", disable=not progress):
+        loaded = []
+        for ref in images[s: s + batch_size]:
+            try:
+                loaded.append((ref, triplets.open_image(ref)))
+            except (ImageLoadError, KeyError) as err:  # a bad negative is masked, not a crash
+                failed.append(str(err))
+        if loaded:
+            feats = composer.encode_images([img for _, img in loaded]).cpu().float()
+            encoded.update({(True, ref): f for (ref, _), f in zip(loaded, feats)})
+    for s in tqdm(range(0, len(captions), batch_size), desc="encode negative captions", disable=not progress):
+        chunk = captions[s: s + batch_size]
+        encoded.update({(False, c): f for c, f in zip(chunk, composer.encode_texts(chunk).cpu().float())})
+    if failed:
+        logger.warning("%d negative image(s) could not be decoded and are masked: %s", len(failed),
+                       "; ".join(failed[:FAILED_NEGATIVES_LOGGED]))
+    negatives = torch.zeros(len(rows), k, composer.backbone.embed_dim)
+    valid = torch.zeros(len(rows), k, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        for j, n in enumerate(r.negatives):
+            feat = encoded.get((bool(r.target), n))
+            if feat is not None:
+                negatives[i, j], valid[i, j] = feat, True
+    return negatives, valid
 
 
 def corpus_features(composer: Composer, folder: Any, cache_dir: Path, progress: bool = True,

@@ -35,6 +35,16 @@ folder; :mod:`.corpus`). Modes, registered in :data:`GENERATION_MODES` (:mod:`.m
     The built-in shapes world (:mod:`zscir.shapes`), training phrasing
     family only; images are rendered into the output folder.
 
+Hard negatives (``--negatives K``, default 3; 0 = none) are written as each
+row's ``negatives`` list, of the same type as the target: caption-edit gives
+the reference caption with other words of the edited class in the edited slot
+(captions); caption-pair gives images whose caption has a third word in that
+slot; similarity-pair gives images in DQE-CIR's target-relative band
+``lo <= s(r, c) - s(r, t) <= hi`` (``--negative-band``, the reference standing
+in for the query; never the reference, the target or a near duplicate of it);
+shapes gives the reference and K sibling edits; llm-edit gives none. They come
+from their own random streams, so the triplets do not depend on K.
+
 Hooks for users with an LLM or MLLM (plain callables, so any client works)::
 
     TextEditor   = Callable[[str], Optional[tuple[str, str]]]
@@ -55,6 +65,7 @@ from .modes import (
     GENERATION_MODES,
     OUTPUT_NAME,
     REPORT_NAME,
+    NEAR_DUPLICATE,
     GenerationResult,
     PairDescriber,
     TextEditor,
@@ -75,6 +86,7 @@ __all__ = [
     "DEFAULT_LEXICON",
     "OUTPUT_NAME",
     "REPORT_NAME",
+    "NEAR_DUPLICATE",
     "LexiconError",
     "Lexicon",
     "WordMatch",

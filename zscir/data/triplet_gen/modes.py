@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ...checkpoint import atomic_write_json
 from ...config import Config
 from ...registry import Registry
+from ...search.zones import mid_zone_table
 from ..schema import PathLike
 from ..triplets import Triplet, TripletSet, load_triplets
 from .corpus import CaptionCorpus, read_captions
@@ -25,12 +26,15 @@ PairDescriber = Callable[[str, str], Optional[str]]
 
 OUTPUT_NAME = "triplets.jsonl"
 REPORT_NAME = "make_triplets.json"
+#: similarity-pair negatives never include images this close (cosine) to the target
+NEAR_DUPLICATE = 0.995
 
 __all__ = [
     "TextEditor",
     "PairDescriber",
     "OUTPUT_NAME",
     "REPORT_NAME",
+    "NEAR_DUPLICATE",
     "mid_rank_partners",
     "caption_edit_triplets",
     "caption_pair_triplets",
@@ -64,8 +68,19 @@ def caption_edit_triplets(
     edits_per_caption: int = 1,
     progress: bool = False,
     skipped: Optional[Counter] = None,
+    negatives: int = 0,
+    negative_rng: Optional[random.Random] = None,
 ) -> List[Triplet]:
-    """Caption-edit triplets: one lexicon word swapped per edit; target_caption is the edited caption."""
+    """Caption-edit triplets: one lexicon word swapped per edit; target_caption is the edited caption.
+
+    With `negatives` > 0 each triplet gets up to that many caption negatives: the
+    reference caption with other words of the edited word's class in the edited
+    slot (never the target's word, the reference's or another word of the caption),
+    so a negative differs from the target exactly in what the modification
+    specifies. They are drawn from `negative_rng` (default: a fixed-seed stream),
+    so the triplets are the same with or without them.
+    """
+    negative_rng = negative_rng or random.Random("caption-edit:negatives")
     out: List[Triplet] = []
     for item in _bar(corpus.items, len(corpus), "caption edits", progress):
         matches = lexicon.find(item.caption)
@@ -83,12 +98,15 @@ def caption_edit_triplets(
                 if len(done) >= edits_per_caption:
                     break
                 template = rng.choice(lexicon.templates_for(match.cls))
+                others = [w for w in choices if w != new]
+                chosen = negative_rng.sample(others, min(negatives, len(others))) if negatives else []
                 out.append(Triplet(
                     reference=corpus.image_path(item.image),
                     modification=fill_word_template(template, match.word, new),
                     target_caption=swap_word(item.caption, match, new),
                     kind=match.cls,
                     line=item.line,
+                    negatives=tuple(swap_word(item.caption, match, w) for w in chosen),
                 ))
                 done.add((match.start, new))
             if len(done) >= edits_per_caption:
@@ -119,6 +137,21 @@ def _pair_text(
     return template.format(reference=_caption_phrase(ref_caption), target=_caption_phrase(tgt_caption)), "similar"
 
 
+def _draw_from_buckets(rng: random.Random, sizes: List[int], skip: Tuple[int, ...]) -> Optional[Tuple[int, int]]:
+    """(bucket, position) uniform over the entries of the buckets not in `skip`; None when they are empty."""
+    total = sum(size for b, size in enumerate(sizes) if b not in skip)
+    if total <= 0:
+        return None
+    r = rng.randrange(total)
+    for b, size in enumerate(sizes):
+        if b in skip:
+            continue
+        if r < size:
+            return b, r
+        r -= size
+    raise AssertionError("unreachable: r < total")
+
+
 def caption_pair_triplets(
     corpus: CaptionCorpus,
     lexicon: Lexicon,
@@ -127,8 +160,18 @@ def caption_pair_triplets(
     describer: Optional[PairDescriber] = None,
     progress: bool = False,
     skipped: Optional[Counter] = None,
+    negatives: int = 0,
+    negative_rng: Optional[random.Random] = None,
 ) -> List[Triplet]:
-    """Image-pair triplets from captions that differ by exactly one lexicon word (index by masked caption)."""
+    """Image-pair triplets from captions that differ by exactly one lexicon word (index by masked caption).
+
+    With `negatives` > 0 each triplet gets up to that many image negatives: images
+    whose caption is the same but for a *third* word in the edited slot ("a green
+    car on a street" for red -> blue), never the reference or target image nor an
+    image also captioned with the target's word. Drawn from `negative_rng`
+    (default: a fixed-seed stream), so the triplets are the same with or without them.
+    """
+    negative_rng = negative_rng or random.Random("caption-pair:negatives")
     # key (class, text before, text after) -> word -> captions with that word there
     index: Dict[Tuple[str, str, str], Dict[str, List[int]]] = defaultdict(lambda: defaultdict(list))
     for i, item in enumerate(_bar(corpus.items, len(corpus), "indexing captions", progress)):
@@ -139,23 +182,17 @@ def caption_pair_triplets(
     for key, buckets in _bar(groups, len(groups), "caption pairs", progress):
         words = sorted(buckets)
         sizes = [len(buckets[w]) for w in words]
-        total = sum(sizes)
+        images_of = {w: {corpus.items[i].image for i in buckets[w]} for w in words} if negatives else {}
         for w_pos, word in enumerate(words):
-            others = total - sizes[w_pos]
             for i in buckets[word]:
                 ref = corpus.items[i]
                 partners = set()
                 for _ in range(4 * pairs_per_image):  # a few tries: a partner may show the same image
                     if len(partners) >= pairs_per_image:
                         break
-                    r = rng.randrange(others)  # uniform over captions with a different word in this slot
-                    for v_pos, size in enumerate(sizes):
-                        if v_pos == w_pos:
-                            continue
-                        if r < size:
-                            j = buckets[words[v_pos]][r]
-                            break
-                        r -= size
+                    # uniform over captions with a different word in this slot (the group has >= 2 words)
+                    v_pos, r = _draw_from_buckets(rng, sizes, (w_pos,))
+                    j = buckets[words[v_pos]][r]
                     tgt = corpus.items[j]
                     if tgt.image == ref.image or j in partners:
                         continue
@@ -166,6 +203,17 @@ def caption_pair_triplets(
                             skipped["describer declined"] += 1
                         continue
                     text, kind = made
+                    chosen: List[str] = []
+                    for _ in range(4 * negatives):  # a few tries: a draw may repeat an image or show ref/target
+                        if len(chosen) >= negatives:
+                            break
+                        drawn = _draw_from_buckets(negative_rng, sizes, (w_pos, v_pos))
+                        if drawn is None:
+                            break
+                        image = corpus.items[buckets[words[drawn[0]]][drawn[1]]].image
+                        if image not in (ref.image, tgt.image) and image not in images_of[words[v_pos]] \
+                                and image not in chosen:
+                            chosen.append(image)
                     out.append(Triplet(
                         reference=corpus.image_path(ref.image),
                         modification=text,
@@ -173,6 +221,7 @@ def caption_pair_triplets(
                         target_caption=tgt.caption,
                         kind=kind,
                         line=ref.line,
+                        negatives=tuple(corpus.image_path(image) for image in chosen),
                     ))
     return out
 
@@ -220,8 +269,21 @@ def similarity_pair_triplets(
     describer: Optional[PairDescriber] = None,
     progress: bool = False,
     skipped: Optional[Counter] = None,
+    negatives: int = 0,
+    negative_rng: Optional[random.Random] = None,
+    negative_band: Tuple[float, float] = (-0.05, 0.05),
+    dup_threshold: float = NEAR_DUPLICATE,
 ) -> List[Triplet]:
-    """SPN-style image pairs: targets drawn from each image's mid-rank similarity window."""
+    """SPN-style image pairs: targets drawn from each image's mid-rank similarity window.
+
+    With `negatives` > 0 each triplet gets up to that many target-relative
+    mid-zone image negatives (DQE-CIR's rule, the reference standing in for the
+    query): images c with lo <= s(r, c) - s(r, t) <= hi for ``negative_band =
+    (lo, hi)``, never the reference, the target or a near duplicate of the target
+    (cosine >= `dup_threshold`); fewer when the band holds fewer. Drawn from
+    `negative_rng` (default: a fixed-seed stream), so the triplets are the same
+    with or without them.
+    """
     images = corpus.images()
     if embeddings.ndim != 2 or embeddings.shape[0] != len(images):
         raise ValueError(
@@ -230,6 +292,7 @@ def similarity_pair_triplets(
         )
     partners = mid_rank_partners(embeddings, *window, progress=progress)
     out: List[Triplet] = []
+    pairs: List[Tuple[int, int]] = []
     for i, image in enumerate(_bar(images, len(images), "similarity pairs", progress)):
         candidates = partners[i]
         if not candidates:
@@ -246,6 +309,7 @@ def similarity_pair_triplets(
                     skipped["describer declined"] += 1
                 continue
             text, kind = made
+            pairs.append((i, j))
             out.append(Triplet(
                 reference=corpus.image_path(image),
                 modification=text,
@@ -254,7 +318,25 @@ def similarity_pair_triplets(
                 kind=kind,
                 line=corpus.first_line(image),
             ))
+    if negatives and pairs:
+        rng_neg = negative_rng or random.Random("similarity-pair:negatives")
+        table = _mid_zone_negatives(embeddings, pairs, negatives, negative_band, dup_threshold, rng_neg)
+        out = [dataclasses.replace(t, negatives=tuple(corpus.image_path(images[k]) for k in row if k >= 0))
+               for t, row in zip(out, table.tolist())]
     return out
+
+
+def _mid_zone_negatives(embeddings: torch.Tensor, pairs: List[Tuple[int, int]], k: int, band: Tuple[float, float],
+                        dup_threshold: float, rng: random.Random) -> torch.Tensor:
+    """[len(pairs), k] row indices (-1 = none) in the target-relative band of each (reference, target) pair."""
+    feats = F.normalize(embeddings.float(), dim=-1)
+    ref = torch.tensor([i for i, _ in pairs])
+    tgt = torch.tensor([j for _, j in pairs])
+    chunk = max(1, min(1024, (1 << 24) // max(len(feats), 1)))  # bounded memory: ~16 M similarities per chunk
+    generator = torch.Generator().manual_seed(rng.getrandbits(63))
+    table, _ = mid_zone_table(feats[ref], feats[tgt], feats, band[0], band[1], k, dup_threshold=dup_threshold,
+                              generator=generator, chunk=chunk, exclude=torch.stack([ref, tgt], 1), fallback=False)
+    return table
 
 
 def editor_triplets(
@@ -263,7 +345,11 @@ def editor_triplets(
     progress: bool = False,
     skipped: Optional[Counter] = None,
 ) -> List[Triplet]:
-    """Triplets written by a user's :data:`TextEditor` (an LLM): one call per caption."""
+    """Triplets written by a user's :data:`TextEditor` (an LLM): one call per caption.
+
+    No negatives: what the editor changed is not known, so there is no rule for a
+    caption that differs from its target in exactly that.
+    """
     out: List[Triplet] = []
     for item in _bar(corpus.items, len(corpus), "text editor", progress):
         result = editor(item.caption)
@@ -297,17 +383,25 @@ def shapes_triplets(
     long_tail: bool = False,
     image_size: int = 64,
     progress: bool = False,
+    negatives: int = 0,
 ) -> List[Triplet]:
-    """Shapes-world triplets (training phrasing family) rendered into `folder`, as absolute-path triplets."""
+    """Shapes-world triplets (training phrasing family) rendered into `folder`, as absolute-path triplets.
+
+    With `negatives` > 0 each triplet lists image negatives: its reference, then up
+    to `negatives` sibling edits of it (:meth:`ShapesWorld.make_triplets`); the
+    triplets are the same with or without them.
+    """
     from ...shapes import LONG_TAIL_WEIGHTS, ShapesWorld, ShapesWorldConfig
 
     world = ShapesWorld(ShapesWorldConfig(seed=seed, image_size=image_size))
-    edits = world.make_triplets(n, family="train", kind_weights=LONG_TAIL_WEIGHTS if long_tail else None, progress=progress)
+    edits = world.make_triplets(n, family="train", kind_weights=LONG_TAIL_WEIGHTS if long_tail else None,
+                                progress=progress, negatives=negatives)
     folder = Path(folder)
     world.export_triplets(edits, folder, progress=progress)
     exported = load_triplets(folder / OUTPUT_NAME)
-    return [dataclasses.replace(t, reference=os.path.abspath(exported.image_path(t.reference)),
-                                target=os.path.abspath(exported.image_path(t.target)) if t.target else None)
+    absolute = lambda ref: os.path.abspath(exported.image_path(ref))  # noqa: E731
+    return [dataclasses.replace(t, reference=absolute(t.reference), target=absolute(t.target) if t.target else None,
+                                negatives=tuple(absolute(n) for n in t.negatives))
             for t in exported]
 
 
@@ -330,6 +424,9 @@ class TripletGenConfig(Config):
     long_tail: bool = False
     shapes_image_size: int = 64
     check_images: bool = True
+    negatives: int = 3  # hard negatives per triplet in the modes that make them; 0: none
+    negative_lo: float = -0.05  # similarity-pair negatives: band of s(r, c) - s(r, t)
+    negative_hi: float = 0.05
 
 
 @dataclasses.dataclass
@@ -349,6 +446,10 @@ class GenContext:
         """An independent deterministic stream per mode (string seeds are hashed stably by `random`)."""
         return random.Random(f"make-triplets:{self.config.seed}:{mode}")
 
+    def negative_rng(self, mode: str) -> random.Random:
+        """The mode's stream for negatives, apart from :meth:`rng` so triplets do not depend on --negatives."""
+        return self.rng(f"{mode}/negatives")
+
     def need_corpus(self, mode: str) -> CaptionCorpus:
         """The caption corpus, or a clear error naming the mode that needs it."""
         if self.corpus is None:
@@ -363,13 +464,15 @@ GENERATION_MODES: Registry[ModeFunction] = Registry("triplet generation mode")
 @GENERATION_MODES.register("caption-edit")
 def _mode_caption_edit(ctx: GenContext, skipped: Counter) -> List[Triplet]:
     return caption_edit_triplets(ctx.need_corpus("caption-edit"), ctx.lexicon, ctx.rng("caption-edit"),
-                                 ctx.config.edits_per_caption, ctx.progress, skipped)
+                                 ctx.config.edits_per_caption, ctx.progress, skipped,
+                                 ctx.config.negatives, ctx.negative_rng("caption-edit"))
 
 
 @GENERATION_MODES.register("caption-pair")
 def _mode_caption_pair(ctx: GenContext, skipped: Counter) -> List[Triplet]:
     return caption_pair_triplets(ctx.need_corpus("caption-pair"), ctx.lexicon, ctx.rng("caption-pair"),
-                                 ctx.config.pairs_per_image, ctx.pair_describer, ctx.progress, skipped)
+                                 ctx.config.pairs_per_image, ctx.pair_describer, ctx.progress, skipped,
+                                 ctx.config.negatives, ctx.negative_rng("caption-pair"))
 
 
 @GENERATION_MODES.register("similarity-pair")
@@ -379,7 +482,8 @@ def _mode_similarity_pair(ctx: GenContext, skipped: Counter) -> List[Triplet]:
     return similarity_pair_triplets(
         ctx.need_corpus("similarity-pair"), ctx.embeddings, ctx.lexicon, ctx.rng("similarity-pair"),
         (ctx.config.window_lo, ctx.config.window_hi), ctx.config.pairs_per_image, ctx.pair_describer,
-        ctx.progress, skipped,
+        ctx.progress, skipped, ctx.config.negatives, ctx.negative_rng("similarity-pair"),
+        (ctx.config.negative_lo, ctx.config.negative_hi),
     )
 
 
@@ -395,7 +499,7 @@ def _mode_shapes(ctx: GenContext, skipped: Counter) -> List[Triplet]:
     if ctx.config.shapes <= 0:
         raise ValueError("mode 'shapes' needs a positive number of triplets (--shapes N)")
     return shapes_triplets(ctx.config.shapes, ctx.out_dir, ctx.config.seed, ctx.config.long_tail,
-                           ctx.config.shapes_image_size, ctx.progress)
+                           ctx.config.shapes_image_size, ctx.progress, ctx.config.negatives)
 
 
 def _default_modes(ctx: GenContext) -> List[str]:
@@ -414,13 +518,14 @@ def _default_modes(ctx: GenContext) -> List[str]:
 
 @dataclasses.dataclass
 class GenerationResult:
-    """Generated triplets and per-mode counts (kept triplets by kind, skipped inputs by reason)."""
+    """Generated triplets and per-mode counts (kept triplets by kind, skipped inputs by reason, negatives)."""
 
     triplets: TripletSet
     counts: Dict[str, Dict[str, int]]
     skipped: Dict[str, Dict[str, int]]
     duplicates: int
     dropped_by_max: int
+    negatives: Dict[str, int] = dataclasses.field(default_factory=dict)  # hard negatives of the kept triplets per mode
 
     def summary(self) -> str:
         """A small table of counts per mode and kind."""
@@ -429,10 +534,12 @@ class GenerationResult:
             for kind, n in sorted(kinds.items()):
                 lines.append(f"{mode:<16} {kind:<12} {n:>8}")
             lines.append(f"{mode:<16} {'(all)':<12} {sum(kinds.values()):>8}")
+            if self.negatives.get(mode):
+                lines.append(f"{mode:<16} {'negatives':<12} {self.negatives[mode]:>8}")
             for reason, n in sorted(self.skipped.get(mode, {}).items()):
                 lines.append(f"{mode:<16} skipped: {reason} ({n})")
-        lines.append(f"total {len(self.triplets)} triplets; {self.duplicates} duplicate(s) dropped; "
-                     f"{self.dropped_by_max} dropped by --max")
+        lines.append(f"total {len(self.triplets)} triplets with {sum(self.negatives.values())} negative(s); "
+                     f"{self.duplicates} duplicate(s) dropped; {self.dropped_by_max} dropped by --max")
         return "\n".join(lines)
 
 
@@ -457,6 +564,10 @@ def generate_triplets(
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.max_triplets is not None and config.max_triplets < 1:
         raise ValueError(f"max_triplets must be >= 1, got {config.max_triplets}")
+    if config.negatives < 0:
+        raise ValueError(f"negatives must be >= 0, got {config.negatives}")
+    if config.negative_lo > config.negative_hi:
+        raise ValueError(f"negative_lo ({config.negative_lo}) must be <= negative_hi ({config.negative_hi})")
     corpus = read_captions(config.captions, config.image_root, config.check_images) if config.captions else None
     ctx = GenContext(config, Path(out_dir), corpus, Lexicon.load(config.lexicon), embeddings,
                      text_editor, pair_describer, progress)
@@ -485,10 +596,12 @@ def generate_triplets(
     numbers: Counter = Counter()
     rows = []
     counts: Dict[str, Counter] = {mode: Counter() for mode in modes}
+    negatives: Counter = Counter({mode: 0 for mode in modes})
     for g in unique:
         numbers[g.mode] += 1
         rows.append(dataclasses.replace(g.triplet, id=f"{g.mode}-{numbers[g.mode]:06d}"))
         counts[g.mode][g.triplet.kind or "-"] += 1
+        negatives[g.mode] += len(g.triplet.negatives)
     triplets = TripletSet(rows, None, source="make-triplets")
     return GenerationResult(
         triplets,
@@ -496,6 +609,7 @@ def generate_triplets(
         {m: dict(c) for m, c in skipped.items() if c},
         duplicates,
         dropped,
+        dict(negatives),
     )
 
 
@@ -520,6 +634,7 @@ def make_triplets(
         "skipped": result.skipped,
         "duplicates": result.duplicates,
         "dropped_by_max": result.dropped_by_max,
+        "negatives": result.negatives,
         "total": len(result.triplets),
     })
     return result

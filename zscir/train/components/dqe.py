@@ -19,6 +19,7 @@ from torch import nn
 
 from ...config import Config
 from ...losses import clamped_scale, duplicate_mask, margin_loss, pairwise_logistic_loss
+from ...search.zones import mid_zone_table  # shared with make-triplets; re-exported here
 from .base import STAGE2_COMPONENTS, ComponentContext, Stage2Component, parse_options
 
 __all__ = [
@@ -50,45 +51,6 @@ class MidZoneOptions(Config):
             raise ValueError(f"quantile bounds must be in [0, 1], got lo={self.lo}, hi={self.hi}")
         if self.per_query < 1 or self.pool < 1:
             raise ValueError(f"per_query and pool must be >= 1, got {self.per_query}, {self.pool}")
-
-
-@torch.no_grad()
-def mid_zone_table(queries: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor, lo: float, hi: float,
-                   pool: int, bounds: str = "value", dup_threshold: float = 0.98,
-                   generator: Optional[torch.Generator] = None, chunk: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sample up to ``pool`` mid-zone candidates per query; returns (table [N, pool] of indices or -1, zone sizes [N]).
-
-    delta_ij = s(q_i, c_j) - s(q_i, t_i); the zone is lo <= delta <= hi (values,
-    or per-row quantiles of delta when ``bounds="quantile"``), never a candidate
-    with s(t_i, c_j) >= dup_threshold. A row with an empty zone falls back to its
-    highest-delta candidates below the zone (the hardest easy negatives).
-    """
-    n, m = len(queries), len(candidates)
-    pool = min(pool, m)
-    table = torch.full((n, pool), -1, dtype=torch.long)
-    sizes = torch.zeros(n, dtype=torch.long)
-    cand = candidates.float()
-    for s in range(0, n, chunk):
-        q, t = queries[s: s + chunk].float(), targets[s: s + chunk].float()
-        delta = q @ cand.T - (q * t).sum(-1, keepdim=True)
-        dup = (t @ cand.T) >= dup_threshold
-        if bounds == "quantile":
-            d = delta.masked_fill(dup, float("nan"))
-            lo_v = torch.nanquantile(d, lo, dim=1, keepdim=True)
-            hi_v = torch.nanquantile(d, hi, dim=1, keepdim=True)
-        else:
-            lo_v = torch.full((len(q), 1), lo)
-            hi_v = torch.full((len(q), 1), hi)
-        zone = (delta >= lo_v) & (delta <= hi_v) & ~dup
-        sizes[s: s + len(q)] = zone.sum(1)
-        noise = torch.rand(delta.shape, generator=generator)
-        pick = noise.masked_fill(~zone, float("-inf")).topk(pool, dim=1)
-        rows = pick.indices.masked_fill(~torch.isfinite(pick.values), -1)
-        below = delta.masked_fill(~((delta < lo_v) & ~dup), float("-inf")).topk(pool, dim=1)
-        fallback = below.indices.masked_fill(~torch.isfinite(below.values), -1)
-        empty = (zone.sum(1) == 0).unsqueeze(1)
-        table[s: s + len(q)] = torch.where(empty, fallback, rows)
-    return table, sizes
 
 
 @STAGE2_COMPONENTS.register("dqe_mid_zone")
