@@ -1,15 +1,14 @@
-"""Stage II on the shapes world: composing adapters vs Stage I and the baselines, ablations, noise, step cost.
+"""Stage II on the shapes world, chosen on VALIDATION: one row per setting, plus baselines, oracle rows and step cost.
 
-Trains one Stage-I model (4 global + 2 VSI tokens, soft alignment), then Stage II on
-<= 2,000 synthetic triplets in the *training* phrasing family, and evaluates on held-out
-triplets in the *evaluation* phrasing family. Rows: baselines, Stage I alone, Stage II
-(default), bottleneck vs LoRA vs full fine-tuning of the last layers, hard negatives off or
-with the reference image as an extra negative,
-adapter placement/size, and 30% of the training texts replaced by wrong modifications.
-Speed: a Stage-II step against a forward+backward of the text encoder (with adapters)
-on the same batch of prompts.
+Trains (or reuses) one Stage-I model exactly as ``zscir demo`` does (seed 0), then
+Stage II once per row on synthetic triplets in the *training* phrasing family,
+and scores every row on the *validation* split (1,000 queries in the held-out
+phrasing family, scenes disjoint from the test split the README reports).
+Each row also reports R@10 on validation queries in the *training* phrasing
+(how much of the gap is phrasing). Finished rows are kept in ``rows.jsonl``,
+so the script resumes and new rows can be added later.
 
-    python benchmarks/bench_stage2.py [--rows default,lora,...] [--out .bench/stage2.json]
+    python benchmarks/bench_stage2.py [--rows default,...] [--split val] [--step-cost] [--out .bench/stage2]
 """
 from __future__ import annotations
 
@@ -18,44 +17,67 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from _timing import seconds_per_call
 from zscir.checkpoint import atomic_write_json
 from zscir.composer import Composer
+from zscir.demo import PRESETS, stage1_variants
+from zscir.eval.shapes_eval import ShapesBenchmark, composer_encoder, image_only, image_plus_text, text_only
 from zscir.shapes import ShapesWorld, ShapesWorldConfig
-from zscir.eval.shapes_eval import ShapesBenchmark, composer_encoder, image_plus_text, image_only, text_only
-from zscir.models.adapters import AdapterConfig, count_trainable
-from zscir.models.phi import PhiConfig
 from zscir.train.clip_pretrain import pretrained_tiny_clip
 from zscir.train.engine import TrainConfig
-from zscir.train.features import shapes_features, shapes_triplet_features
+from zscir.train.features import TripletFeatures, shapes_features, shapes_triplet_features
 from zscir.train.stage1 import Stage1Config, train_stage1
 from zscir.train.stage2 import Stage2Config, Stage2Task, prepare_stage2, train_stage2
 
-DEFAULT = Stage2Config()
-ROWS = {
-    "Stage II (default)": {},
-    "bottleneck adapters (rank 64)": {"adapters": dataclasses.replace(DEFAULT.adapters, kind="bottleneck", rank=64)},
-    "full fine-tuning (last layers)": {"adapters": dataclasses.replace(DEFAULT.adapters, kind="full"),
-                                       "train": dataclasses.replace(DEFAULT.train, lr=2e-4)},
-    "hard negatives off": {"components": ()},
-    "query negative on every row": {"query_negative_fraction": 1.0},
-    "+ reference as negative": {"components": ("reference", "query_negative")},
-    "adapters in 2 layers": {"adapters": dataclasses.replace(DEFAULT.adapters, num_layers=2)},
-    "30% noisy texts": {"noise": 0.3},
+DEMO = PRESETS["default"]
+
+
+@dataclasses.dataclass
+class Row:
+    """One Stage-II setting: triplet data and overrides of Stage2Config (dotted keys reach nested configs)."""
+
+    triplets: int = DEMO.num_triplets
+    negatives: int = DEMO.triplet_negatives  # sibling negatives per triplet (+ the reference)
+    reference_negative: bool = True  # keep the reference among the explicit negatives
+    noise: float = 0.0  # share of training texts replaced by another triplet's text
+    overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+ROWS: Dict[str, Row] = {
+    "default": Row(),
+    "2k triplets": Row(triplets=2_000),
+    "10k triplets": Row(triplets=10_000),
+    "explicit negatives (siblings + reference)": Row(negatives=3, overrides={"components": ("explicit", "query_negative")}),
+    "explicit negatives (siblings only)": Row(negatives=3, reference_negative=False,
+                                              overrides={"components": ("explicit", "query_negative")}),
+    "explicit negatives only": Row(negatives=3, overrides={"components": ("explicit",)}),
+    "no hard negatives": Row(overrides={"components": ()}),
+    "query negative on every row": Row(overrides={"query_negative_fraction": 1.0}),
+    "logit scale 50": Row(overrides={"init_scale": 50.0}),
+    "train phi too": Row(overrides={"train_phi": True}),
+    "LoRA rank 64": Row(overrides={"adapters.rank": 64, "adapters.alpha": 64.0}),
+    "bottleneck rank 64": Row(overrides={"adapters.kind": "bottleneck", "adapters.rank": 64}),
+    "lr 1e-2": Row(overrides={"train.lr": 1e-2}),
+    "image residual": Row(overrides={"image_residual": True}),
+    "3x steps": Row(overrides={"train.steps": 900, "train.warmup_steps": 90}),
+    "30% noisy texts": Row(noise=0.3),
 }
 
 
-def with_overrides(base: Stage2Config, row: dict, steps: int) -> Stage2Config:
-    """Row config from the defaults, with the step budget applied."""
-    kw = {k: v for k, v in row.items() if k != "noise"}
-    cfg = dataclasses.replace(base, **kw)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+def with_overrides(cfg: Any, overrides: Dict[str, Any]) -> Any:
+    """A copy of a (nested) config dataclass with dotted-key overrides applied."""
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        value = with_overrides(getattr(cfg, head), {rest: value}) if rest else value
+        cfg = dataclasses.replace(cfg, **{head: value})
+    return cfg
 
 
-def corrupt(edits, fraction: float, seed: int = 0):
+def corrupt(edits: List[Any], fraction: float, seed: int = 0) -> List[Any]:
     """Replace a fraction of the training texts with other triplets' texts (wrong modifications)."""
     import random
 
@@ -69,98 +91,131 @@ def corrupt(edits, fraction: float, seed: int = 0):
     return edits
 
 
-def step_cost(composer: Composer, trip, cfg: Stage2Config, repeats: int = 5) -> dict:
+def stage1_model(clip_dir: Path, world: ShapesWorld, folder: Path) -> Path:
+    """The demo's zscir Stage-I model for seed 0 (trained once, then reused from `folder`)."""
+    if (folder / "config.json").is_file():
+        return folder
+    phi, loss, concept_weight = stage1_variants(DEMO)["zscir Stage I"]
+    torch.manual_seed(DEMO.seed)
+    comp = Composer.from_clip(str(clip_dir), phi=phi)
+    feats = shapes_features(comp, world.scenes(DEMO.stage1_images, stream="stage1"), 64)
+    cfg = Stage1Config(phi=comp.phi.config, loss=loss, concept_weight=concept_weight,
+                       train=TrainConfig(steps=DEMO.stage1_steps, batch_size=128, lr=5e-4, warmup_steps=20, seed=DEMO.seed))
+    comp, _ = train_stage1(comp, feats, cfg, concepts=world.concept_phrases(), progress=False)
+    comp.save_pretrained(folder)
+    return folder
+
+
+def triplet_features(composer: Composer, world: ShapesWorld, row: Row) -> TripletFeatures:
+    """Frozen features of the row's triplets (negatives as the row asks)."""
+    edits = world.make_triplets(row.triplets, family="train", negatives=row.negatives)
+    if row.noise:
+        edits = corrupt(edits, row.noise)
+    feats = shapes_triplet_features(composer, edits, 64)
+    if feats.negative_valid is not None and not row.reference_negative:
+        feats.negative_valid[:, 0] = False  # slot 0 holds the reference
+    return feats
+
+
+def step_cost(composer: Composer, trip: TripletFeatures, cfg: Stage2Config, repeats: int = 5) -> Dict[str, Any]:
     """Seconds per Stage-II step vs forward+backward of the adapted text encoder on the same prompts."""
     task = Stage2Task(composer, trip, cfg)
     opt = torch.optim.AdamW([p for p in task.module.parameters() if p.requires_grad], lr=1e-5)
     batch = task.make_batch(torch.arange(cfg.train.batch_size), 0)
 
-    def full_step():
+    def full_step() -> None:
         out = task.module(batch)
         loss, _ = task.loss(out, batch, 0)
         loss.backward()
         opt.step()
         opt.zero_grad()
 
-    def text_only_step():
+    def text_only_step() -> None:
         with torch.no_grad():
             tokens = composer.phi(batch["ref_pooled"], batch["ref_patches"])
         prompts = composer.query_prompts(batch["modifications"])
         composer.backbone.encode_with_pseudo_tokens(prompts, tokens, normalize=True).sum().backward()
         opt.zero_grad()
 
-    times: dict = seconds_per_call({"stage2_step": full_step, "text_encoder_fwd_bwd": text_only_step}, repeats)
+    times: Dict[str, Any] = seconds_per_call({"stage2_step": full_step, "text_encoder_fwd_bwd": text_only_step}, repeats)
     times["ratio"] = times["stage2_step"] / times["text_encoder_fwd_bwd"]
-    times["note"] = (f"Stage II also encodes a query-side negative for {cfg.query_negative_fraction:.0%} of the rows "
-                     "(an extra text pass on them)")
     return times
 
 
-def vitl_adapter_parameters(cfg: AdapterConfig) -> int:
-    """Trainable parameters of the adapters in a (randomly initialised) ViT-L/14 text tower."""
-
-    c = Composer.from_clip("ViT-L-14", adapters=cfg)
-    return count_trainable(c.backbone)
+def summary(result: Dict[str, Any]) -> Dict[str, float]:
+    """The columns of the printed table."""
+    return {k: round(result[k], 1) for k in ("R@1", "R@5", "R@10", "R@50", "mean_R@10_over_kinds")}
 
 
 def main() -> None:
-    """Train Stage I once, then every Stage-II row; print the table and write JSON."""
+    """Run the missing rows, print the validation table and write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clip-preset", default="default")
-    ap.add_argument("--stage1-steps", type=int, default=250)
-    ap.add_argument("--images", type=int, default=10000)
-    ap.add_argument("--steps", type=int, default=DEFAULT.train.steps)
-    ap.add_argument("--triplets", type=int, default=2000)
+    ap.add_argument("--rows", default="default", help=f"comma-separated rows out of: {', '.join(ROWS)}; or 'all'")
+    ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--out", type=Path, default=Path(".bench/stage2.json"))
+    ap.add_argument("--step-cost", action="store_true", help="also time a default Stage-II step")
+    ap.add_argument("--out", type=Path, default=Path(".bench/stage2"))
     args = ap.parse_args()
-    clip_dir, _ = pretrained_tiny_clip(args.clip_preset)
-    world = ShapesWorld(ShapesWorldConfig(seed=0))
-    torch.manual_seed(0)
-    s1 = Composer.from_clip(str(clip_dir), phi=PhiConfig(num_tokens=4))
-    feats = shapes_features(s1, world.scenes(args.images, stream="stage1"), 64)
-    cfg1 = Stage1Config(phi=s1.phi.config, train=TrainConfig(steps=args.stage1_steps, batch_size=128, lr=5e-4, warmup_steps=20))
-    s1, _ = train_stage1(s1, feats, cfg1, concepts=world.concept_phrases(), progress=False)
-    s1_dir = args.out.parent / "bench_stage2_stage1"
-    s1.save_pretrained(s1_dir)
+    names = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    clip_dir, _ = pretrained_tiny_clip(DEMO.clip_preset, seed=DEMO.clip_seed)
+    world = ShapesWorld(ShapesWorldConfig(seed=DEMO.seed))
+    eval_world = ShapesWorld(ShapesWorldConfig(seed=DEMO.eval_seed))
+    s1_dir = stage1_model(clip_dir, world, args.out / "stage1")
+    s1 = Composer.from_pretrained(s1_dir)
     bb = s1.backbone
-    bench = ShapesBenchmark(bb, world, n_queries=args.queries)
-    rows = {name: {"composed": bench.evaluate(fn)} for name, fn in
-            (("image only", image_only(bb)), ("text only", text_only(bb)), ("image + text sum", image_plus_text(bb)),
-             ("Stage I alone", composer_encoder(s1)))}
-    edits = world.make_triplets(args.triplets, family="train")
-    cost = None
-    for name in args.rows.split(","):
+    bench = ShapesBenchmark(bb, eval_world, n_queries=args.queries, split=args.split)
+    bench_train_phrasing = ShapesBenchmark(bb, eval_world, n_queries=args.queries // 2, split=args.split, family="train")
+    done_file = args.out / f"rows_{args.split}.jsonl"
+    done = {}
+    if done_file.is_file():
+        done = {r["name"]: r for r in map(json.loads, done_file.read_text().splitlines())}
+    baselines = {"image only": bench.evaluate(image_only(bb)), "text only": bench.evaluate(text_only(bb)),
+                 "image + text sum": bench.evaluate(image_plus_text(bb)), "Stage I alone": bench.evaluate(composer_encoder(s1)),
+                 **bench.oracle_rows()}
+    cost: Optional[Dict[str, Any]] = None
+    for name in names:
         row = ROWS[name]
+        if name in done and done[name]["row"] == json.loads(json.dumps(dataclasses.asdict(row))):
+            continue
         comp = Composer.from_pretrained(s1_dir)
-        cfg = with_overrides(DEFAULT, row, args.steps)
-        trip = shapes_triplet_features(comp, corrupt(edits, row["noise"]) if row.get("noise") else edits, 64)
-        prepare_stage2(comp, cfg.adapters)
-        trainable = count_trainable(comp.backbone)
-        t = time.time()
+        cfg = with_overrides(Stage2Config(), row.overrides)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=DEMO.seed))
+        trip = triplet_features(comp, world, row)
+        start = time.time()
         comp, result = train_stage2(comp, trip, cfg, progress=False)
-        rows[name] = {"train_seconds": time.time() - t, "trainable_params": trainable,
-                      "final_loss": result.history[-1]["loss"], "composed": bench.evaluate(composer_encoder(comp))}
-        if name == "Stage II (default)":
-            fresh = Composer.from_pretrained(s1_dir)
-            prepare_stage2(fresh, cfg.adapters)
-            cost = step_cost(fresh, trip, cfg)
-        print(name, json.dumps({k: v for k, v in rows[name].items() if k != "composed"}),
-              {k: round(v, 1) for k, v in rows[name]["composed"].items() if k != "per_kind_R@10"}, flush=True)
-    print(f"\n{'method':<32}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'R@50':>8}{'mR@10':>8}{'remove R@10':>13}")
-    for name, r in rows.items():
-        c = r["composed"]
-        print(f"{name:<32}{c['R@1']:>8.1f}{c['R@5']:>8.1f}{c['R@10']:>8.1f}{c['R@50']:>8.1f}"
-              f"{c['mean_R@10_over_kinds']:>8.1f}{c['per_kind_R@10'].get('remove', float('nan')):>13.1f}")
+        seconds = time.time() - start
+        record = {"name": name, "row": dataclasses.asdict(row), "train_seconds": seconds,
+                  "final_log": result.history[-1] if result.history else None,
+                  "composed": bench.evaluate(composer_encoder(comp)),
+                  "training_phrasing_R@10": bench_train_phrasing.evaluate(composer_encoder(comp))["R@10"]}
+        done[name] = json.loads(json.dumps(record))
+        with done_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(name, summary(record["composed"]), f"({seconds:.0f}s)", flush=True)
+    if args.step_cost:
+        comp = Composer.from_pretrained(s1_dir)
+        cfg = Stage2Config()
+        prepare_stage2(comp, cfg.adapters)
+        cost = step_cost(comp, triplet_features(comp, world, dataclasses.replace(ROWS["default"], triplets=512)), cfg)
+    head = f"{'method (' + args.split + ' split)':<44}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@50':>7}{'mR@10':>7}{'train-phr R@10':>16}{'s':>6}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for name, res in baselines.items():
+        s = summary(res)
+        print(f"{name:<44}" + "".join(f"{v:>7.1f}" for v in s.values()))
+    for name in [n for n in ROWS if n in done]:
+        r = done[name]
+        s = summary(r["composed"])
+        print(f"{name:<44}" + "".join(f"{v:>7.1f}" for v in s.values())
+              + f"{r['training_phrasing_R@10']:>16.1f}{r['train_seconds']:>6.0f}")
     if cost:
         print(f"\nstage-II step {cost['stage2_step'] * 1e3:.1f} ms vs adapted text encoder fwd+bwd "
-              f"{cost['text_encoder_fwd_bwd'] * 1e3:.1f} ms: ratio {cost['ratio']:.2f} ({cost['note']})")
-    vitl = vitl_adapter_parameters(DEFAULT.adapters)
-    print(f"trainable adapter parameters ({DEFAULT.adapters.kind}, rank {DEFAULT.adapters.rank}, last "
-          f"{DEFAULT.adapters.num_layers} layers): tiny {rows.get('Stage II (default)', {}).get('trainable_params')}, "
-          f"ViT-L/14 text tower {vitl}")
-    atomic_write_json(args.out, {"rows": rows, "step_cost": cost, "vitl_adapter_parameters": vitl, "args": {k: str(v) for k, v in vars(args).items()}})
+              f"{cost['text_encoder_fwd_bwd'] * 1e3:.1f} ms: ratio {cost['ratio']:.2f}")
+    atomic_write_json(args.out / f"stage2_{args.split}.json",
+                      {"split": args.split, "baselines": baselines, "rows": done, "step_cost": cost})
 
 
 if __name__ == "__main__":

@@ -42,11 +42,14 @@ ORACLE_ROWS = ("target caption (oracle)", "reference caption + text")  # from Sh
 class DemoConfig(Config):
     """Sizes of one demo run (``--fast`` shrinks them)."""
 
-    seed: int = 0
+    seed: int = 0  # Stage I images, triplets, Stage I and II training
+    clip_seed: int = 0  # the tiny CLIP (cached per preset and seed)
+    eval_seed: int = 0  # the world the test queries come from (fixed, so seeds compare on the same queries)
     clip_preset: str = "default"
     stage1_images: int = 10_000
     stage1_steps: int = 250
     num_triplets: int = 2_000
+    triplet_negatives: int = 0  # sibling hard negatives per triplet (used when Stage II's components ask for them)
     stage2_steps: int = 300
     eval_queries: int = 1_000
     num_tokens: int = 4
@@ -131,13 +134,15 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
 
     _stage("tiny CLIP (shapes world)")
     t = time.time()
-    clip_dir, clip_report = pretrained_tiny_clip(cfg.clip_preset, cache_dir=cache_dir, progress=progress, seed=cfg.seed)
+    clip_dir, clip_report = pretrained_tiny_clip(cfg.clip_preset, cache_dir=cache_dir, progress=progress,
+                                                 seed=cfg.clip_seed)
     timings["tiny_clip"] = time.time() - t
     ev = clip_report["heldout_text_to_image"]
     print(f"tiny CLIP {clip_dir}\n  held-out text->image R@1 {ev['R@1']:.3f}  R@5 {ev['R@5']:.3f} "
           f"(trained in {clip_report['train_seconds']:.0f}s; this run {timings['tiny_clip']:.0f}s)")
 
-    world = ShapesWorld(ShapesWorldConfig(seed=cfg.seed, image_size=64))
+    world = ShapesWorld(ShapesWorldConfig(seed=cfg.seed, image_size=64))  # training data
+    eval_world = ShapesWorld(ShapesWorldConfig(seed=cfg.eval_seed, image_size=64))
     base = Composer.from_clip(str(clip_dir))
     bb = base.backbone
 
@@ -170,7 +175,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
 
     _stage("synthetic triplets (training phrasing) and Stage II (composing)")
     t = time.time()
-    edits = world.make_triplets(cfg.num_triplets, family="train")
+    edits = world.make_triplets(cfg.num_triplets, family="train", negatives=cfg.triplet_negatives)
     final_dir = folder / "model"
     if (final_dir / "config.json").is_file():
         stage2 = Composer.from_pretrained(final_dir)
@@ -190,7 +195,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
 
     _stage("zero-shot evaluation (held-out phrasing family)")
     t = time.time()
-    bench = ShapesBenchmark(bb, world, n_queries=cfg.eval_queries)
+    bench = ShapesBenchmark(bb, eval_world, n_queries=cfg.eval_queries, split="test")
     rows: Dict[str, Dict[str, Any]] = {}
     methods: Dict[str, Callable] = {
         "image only": image_only(bb),
@@ -202,7 +207,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
     for name, fn in methods.items():
         rows[name] = bench.evaluate(fn)
     rows.update(bench.oracle_rows())  # text ceilings of the same frozen CLIP
-    inversion = {name: inversion_recall(c, c.backbone, world, n_images=min(1000, cfg.eval_queries))
+    inversion = {name: inversion_recall(c, c.backbone, eval_world, n_images=min(1000, cfg.eval_queries))
                  for name, c in stage1.items()}
     timings["evaluation"] = time.time() - t
     table = format_table(rows)

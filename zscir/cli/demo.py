@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_out_argument(parser, "output folder (default: ./zscir-demo)", default=Path("zscir-demo"))
     parser.add_argument("--fast", action="store_true", help="a smaller, quicker run")
     parser.add_argument("--overwrite", action="store_true", help="replace an output folder from another run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of Stage I, the triplets and Stage II (the tiny CLIP and the test queries stay fixed)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the tiny CLIP is cached")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
