@@ -277,7 +277,8 @@ def test_resume_without_a_state_says_it_starts_fresh_and_another_data_set_is_ref
         Trainer(PairTask(), dataclasses.replace(CFG, steps=3), output_dir=tmp_path, progress=False).train(resume=True)
     assert "no training state" in caplog.text and "from step 0" in caplog.text
     with pytest.raises(CheckpointError, match=r"trained on 256 examples.*now has 128"):
-        Trainer(PairTask(n=128), dataclasses.replace(CFG, steps=5), output_dir=tmp_path, progress=False).train(resume=True)
+        Trainer(PairTask(n=128), dataclasses.replace(CFG, steps=5), output_dir=tmp_path,
+                progress=False).train(resume=True)
 
 
 def test_a_state_written_before_the_pair_was_bound_still_resumes(tmp_path, caplog):

@@ -195,7 +195,8 @@ def test_a_strip_in_a_gallery_is_reported_and_skipped_before_any_resize(tmp_path
     failures = []
     batches = list(iter_image_batches(paths, clip_like, batch_size=8, progress=False, on_failure=failures.append))
     assert torch.cat([i for i, _ in batches]).tolist() == [0, 1, 3, 4]
-    assert [(f.index, Path(f.path).name) for f in failures] == [(2, "strip.png")] and "aspect ratio" in failures[0].reason
+    assert [(f.index, Path(f.path).name) for f in failures] == [(2, "strip.png")]
+    assert "aspect ratio" in failures[0].reason
     assert max(max(size) for size in seen) < 100  # only the good images reached the transform
     (idx, images), = list(iter_image_batches(paths, None, batch_size=8, progress=False))  # the eval path: PIL images
     assert idx.tolist() == [0, 1, 3, 4]

@@ -85,7 +85,8 @@ def test_cli_trains_on_a_folder_with_bad_images_and_resumes(tmp_path):
     Image.new("CMYK", (30, 30)).save(imgs / "cmyk.jpg")
     (imgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     args = ["train-stage1", "--images", str(imgs), "--model", "zscir-micro", "--random-init",
-            "--out", str(tmp_path / "run"), "--steps", "4", "--batch-size", "8", "--no-progress", "--concept-weight", "0"]
+            "--out", str(tmp_path / "run"), "--steps", "4", "--batch-size", "8", "--no-progress",
+            "--concept-weight", "0"]
     assert main(args) == 0
     model = Composer.from_pretrained(tmp_path / "run" / "model")
     assert model.config.stage == "stage1"

@@ -57,7 +57,7 @@ class Config:
 
     @classmethod
     def from_dict(cls: Type[C], data: Dict[str, Any], source: str = "config", complete: Optional[bool] = None) -> C:
-        """Build from a dict; unknown keys, wrong types and (in complete files) missing fields raise ConfigError naming `source`.
+        """Build from a dict; unknown keys, wrong types and (complete files) missing fields raise ConfigError.
 
         ``complete``: every field not in OPTIONAL_FIELDS must be present (default: the class's COMPLETE);
         nested configs inherit it.
@@ -120,7 +120,7 @@ class _WrongType(Exception):
 
 
 def _convert(value: Any, hint: Any, source: str, complete: bool) -> Any:
-    """`value` checked against the type `hint` (JSON lists become tuples, dicts nested configs); _WrongType if it is not one."""
+    """`value` checked against the type `hint` (JSON lists become tuples, dicts nested configs), else _WrongType."""
     if hint is Any:
         return value
     origin, args = typing.get_origin(hint), typing.get_args(hint)

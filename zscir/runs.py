@@ -77,7 +77,7 @@ def _short(value: Any, limit: int = 48) -> str:
 
 @dataclasses.dataclass
 class RunFolder:
-    """One command's output folder: what it writes (`outputs`, replaced by overwrite; `kept`, keyed caches that stay)."""
+    """One command's output folder: what it writes (`outputs`, replaced by overwrite; `kept`: caches that stay)."""
 
     path: Path
     command: str
@@ -146,17 +146,15 @@ class RunFolder:
             raise RunFolderError(f"--out {self.path} is a file, not a folder")
         recorded = self._recorded()
         ours = self._ours(recorded)
-        foreign = self._foreign(ours)
         legacy = recorded is None and any((self.path / n).exists() for n in self.outputs)
         if recorded is None and not legacy:
+            foreign = self._foreign(ours)
             if foreign:
                 self._refuse_foreign(foreign, "it is not the folder of a zscir run")
             if resume:  # only keyed caches of an earlier run: a new run uses them
                 logger.warning("%s: nothing to resume in %s; starting a new run", self.command, self.path)
             self._write("started")
             return False
-        if foreign:
-            self._refuse_foreign(foreign, "it is not only the folder of a zscir run")
         what = (f"a {recorded.get('status', 'started')} run of zscir {recorded.get('command')}" if recorded
                 else f"a run of an older zscir (no {self.run_file})")
         if recorded is not None and recorded.get("command") != self.command:
@@ -194,7 +192,10 @@ class RunFolder:
                 for key in sorted(set(before) | set(now)) if key not in free and before.get(key) != now.get(key)]
 
     def _replace(self, ours: Sequence[str]) -> bool:
-        """Remove what the earlier run wrote (its listed entries only) and record this run."""
+        """Remove the entries the earlier run lists (refused next to foreign files) and record this run."""
+        foreign = self._foreign(ours)
+        if foreign:  # the folder may be the wrong one (--out .): replace nothing
+            self._refuse_foreign(foreign, "it is not only the folder of a zscir run")
         for name in ours:
             for entry in [self.path / name, *self.path.glob(f".{glob.escape(name)}.*.tmp")]:
                 if entry.is_dir() and not entry.is_symlink():

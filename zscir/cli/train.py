@@ -38,7 +38,6 @@ STAGE1_MODEL_CHOICES = (
 )
 
 
-
 # ------------------------------------------------------------------------------------------ pretrain-clip
 
 def pretrain_clip_add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +169,8 @@ def stage1_backbone(model: Optional[str], pretrained: Optional[str], random_init
             raise ValueError(f"--model {model} is a folder with its own weights: it takes neither --pretrained "
                              "nor --random-init")
         return Stage1Backbone(model, settings={"folder": folder_fingerprint(Path(model))})
+    if model.startswith("hf-hub:"):  # open_clip fetches these with their weights
+        return Stage1Backbone(model, pretrained, settings={"name": model, "weights": pretrained or "hf-hub"})
     if os.sep in model or model.startswith("."):
         raise FileNotFoundError(f"--model {model}: folder not found ({STAGE1_MODEL_CHOICES})")
     if random_init and pretrained:
@@ -213,8 +214,8 @@ def stage1_run(args: argparse.Namespace) -> int:
         concepts = [w.strip() for w in args.concepts.read_text().splitlines() if w.strip()]
     settings = {"config": cfg.to_dict(), "model": backbone.settings, "data": data,
                 "concepts": data_fingerprint(concepts) if concepts else None}
-    run, resume = open_training_run(args, "train-stage1", settings,
-                                    info={"model": args.model, "data": args.images or args.file_list or args.hf_dataset})
+    data_arg = args.images or args.file_list or args.hf_dataset
+    run, resume = open_training_run(args, "train-stage1", settings, info={"model": args.model, "data": data_arg})
     composer = backbone.load(cfg.phi, resolve_device(args), cfg.train.mixed_precision, not args.no_progress,
                              cfg.train.seed)
     cfg = dataclasses.replace(cfg, phi=composer.phi.config)
@@ -265,11 +266,15 @@ def _corpus_settings(folder: Optional[str]) -> Optional[Dict[str, Any]]:
     return {"images": len(paths), "sha256": data_fingerprint(paths)}
 
 
-def _model_settings(folder: str) -> Dict[str, Any]:
-    """The "model" settings entry of a model folder given to --model (a fingerprint of its files)."""
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"--model {folder}: model folder not found")
-    return {"folder": folder_fingerprint(Path(folder))}
+def _open_triplet_run(args: argparse.Namespace, command: str, cfg: Any,
+                      triplet_settings: Dict[str, Any]) -> Tuple[Any, bool]:
+    """The run in --out of a command trained on triplets (train-stage2, train-bank); and whether it resumes."""
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: model folder not found")
+    settings = {"config": cfg.to_dict(), "model": {"folder": folder_fingerprint(Path(args.model))},
+                "triplets": triplet_settings, "corpus": _corpus_settings(args.corpus)}
+    return open_training_run(args, command, settings,
+                             info={"model": args.model, "triplets": args.triplets, "corpus": args.corpus})
 
 
 def _encode_triplets(composer: Any, triplets: Any, args: argparse.Namespace, precision: str) -> Tuple[Any, Any]:
@@ -321,10 +326,7 @@ def stage2_run(args: argparse.Namespace) -> int:
 
     cfg = stage2_config_from_args(args)
     triplets, triplet_settings = _load_triplets(args)
-    settings = {"config": cfg.to_dict(), "model": _model_settings(args.model), "triplets": triplet_settings,
-                "corpus": _corpus_settings(args.corpus)}
-    run, resume = open_training_run(args, "train-stage2", settings,
-                                    info={"model": args.model, "triplets": args.triplets, "corpus": args.corpus})
+    run, resume = _open_triplet_run(args, "train-stage2", cfg, triplet_settings)
     composer = Composer.from_pretrained(args.model, device=resolve_device(args))
     _, feats = _encode_triplets(composer, triplets, args, cfg.train.mixed_precision)
     corpus = None
@@ -386,10 +388,7 @@ def bank_run(args: argparse.Namespace) -> int:
     composer = Composer.from_pretrained(args.model, device=resolve_device(args))
     if composer.config.adapters is None:
         raise ValueError(f"{args.model}: not a Stage-II model (no adapters); run zscir train-stage2 first")
-    settings = {"config": cfg.to_dict(), "model": _model_settings(args.model), "triplets": triplet_settings,
-                "corpus": _corpus_settings(args.corpus)}
-    run, resume = open_training_run(args, "train-bank", settings,
-                                    info={"model": args.model, "triplets": args.triplets, "corpus": args.corpus})
+    run, resume = _open_triplet_run(args, "train-bank", cfg, triplet_settings)
     triplets, feats = _encode_triplets(composer, triplets, args, cfg.train.mixed_precision)
     parts: List[Tuple[torch.Tensor, List[str]]] = []
     if args.corpus:

@@ -142,7 +142,7 @@ def _draft_target(size: Tuple[int, int], max_pixels: int, min_side: Optional[int
 
 
 def check_aspect_ratio(size: Tuple[int, int], label: str, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
-    """Raise ImageLoadError naming `label` when an image of `size` is longer than `max_aspect_ratio` times its short side."""
+    """Raise ImageLoadError naming `label` if an image of `size` is over `max_aspect_ratio` times its short side long."""
     w, h = size
     ratio = max(w, h) / max(1, min(w, h))
     if ratio > max_aspect_ratio:
