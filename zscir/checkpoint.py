@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Type, Union
 
 import torch
 
@@ -50,6 +50,18 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write text to `path` atomically (temp file + rename)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: PathLike, error: Optional[Type[Exception]] = None, missing: str = "file not found") -> Any:
+    """Parse a JSON file; a missing file ("<missing>: <path>") or invalid JSON raises `error` (CheckpointError)."""
+    error = error or CheckpointError
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{missing}: {path}") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: invalid JSON ({err})") from None
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:

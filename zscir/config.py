@@ -101,14 +101,9 @@ class Config:
     @classmethod
     def from_json(cls: Type[C], path: Union[str, os.PathLike]) -> C:
         """Read a JSON file written by :meth:`to_json`."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: invalid JSON ({err})") from None
-        return cls.from_dict(data, source=str(path))
+        from .checkpoint import read_json
+
+        return cls.from_dict(read_json(path, ConfigError, missing="config file not found"), source=str(path))
 
     def replace(self: C, **changes: Any) -> C:
         """A copy with some fields changed."""

@@ -33,7 +33,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -48,7 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_write_json, file_sha256, load_tensors, save_tensors
+from ..checkpoint import (CheckpointError, atomic_write_json, file_sha256, load_tensors, read_json,
+                          save_tensors)
 from ..config import Config
 from ..precision import resolve_precision
 
@@ -253,12 +253,7 @@ def read_state(output_dir: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor
     """The JSON and the tensors of the training state in ``output_dir/state``, checked to belong together."""
     state_dir = Path(output_dir) / STATE_DIR
     meta_path = state_dir / STATE_META
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"no training state: {meta_path} not found") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{meta_path}: invalid JSON ({err})") from None
+    meta = read_json(meta_path, missing="training state not found")
     ref = meta.get("tensors")
     if ref is None:  # written before the pair was bound: nothing to check it against
         logger.warning("%s predates bound checkpoints; its weights cannot be checked to be of step %s",
