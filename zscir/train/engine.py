@@ -254,6 +254,8 @@ def read_state(output_dir: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor
     state_dir = Path(output_dir) / STATE_DIR
     meta_path = state_dir / STATE_META
     meta = read_json(meta_path, missing="training state not found")
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"{meta_path}: not a training state (expected a JSON object with a step)")
     ref = meta.get("tensors")
     if ref is None:  # written before the pair was bound: nothing to check it against
         logger.warning("%s predates bound checkpoints; its weights cannot be checked to be of step %s",
