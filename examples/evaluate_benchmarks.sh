@@ -67,7 +67,7 @@ fx.make_fashioniq(root / "fashioniq"), fx.make_cirr(root / "cirr"), fx.make_circ
 print(f"fixture benchmark folders written to {root}")
 PY
     NUM_GPUS=1
-    BACKBONE=(--model zscir-micro)
+    BACKBONE=(--model zscir-micro --random-init)
     STAGE1_DATA=(--shapes 256)
     STAGE1_OPTS=(--steps 5 --batch-size 32 --num-tokens 2 --no-progress)
     TRIPLET_DATA=(--shapes 64 --shapes-image-size 32)

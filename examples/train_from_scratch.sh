@@ -35,7 +35,7 @@ if [ "${1:-}" = "--tiny" ]; then
     zscir shapes captions --out "$OUT/data/corpus" --n 200 --image-size 32 --no-progress
     zscir shapes eval --out "$OUT/data/eval" --n 40 --image-size 32 --no-progress
     IMAGES=$OUT/data/corpus/images CAPTIONS=$OUT/data/corpus/captions.jsonl
-    BACKBONE=(--model zscir-micro)
+    BACKBONE=(--model zscir-micro --random-init)
     STAGE1_OPTS=(--steps 5 --batch-size 32 --num-tokens 2 --no-progress)
     # the micro CLIP has 2 text blocks: adapters on the last one
     STAGE2_OPTS=(--steps 5 --batch-size 16 --adapter-layers 1 --no-progress)

@@ -323,13 +323,13 @@ def test_component_trains_inside_stage2_and_its_loss_falls(name):
 
 
 def test_component_state_is_saved_with_the_training_state(tmp_path):
-    from zscir.checkpoint import load_tensors
+    from zscir.train.engine import read_state
 
     components, options = RUNS["dqe_mid_zone"]
     cfg = Stage2Config(adapters=AdapterConfig(num_layers=1, rank=8), components=components + ("melt_rarity",),
                        component_options=options, train=TrainConfig(steps=8, batch_size=32, lr=3e-3, warmup_steps=2))
     train_stage2(micro_composer(), random_triplets(64), cfg, output_dir=tmp_path, progress=False)
-    tensors = load_tensors(tmp_path / "state" / "state.safetensors")
+    _, tensors = read_state(tmp_path)
     assert tensors["extra.dqe_mid_zone.table"].shape == (64, 32)
     assert int(tensors["extra.melt_rarity.updates"]) == 8
     assert any(k.startswith("param.extra.melt_rarity_pool.") for k in tensors)

@@ -67,3 +67,112 @@ def test_stage2_config_names_an_unknown_nested_key():
     with pytest.raises(ConfigError, match="Stage2Config.train.*unknown field.*'stpes'"):
         Stage2Config.from_dict({"train": {"stpes": 3}}, source="Stage2Config")
     assert isinstance(ClipPretrainConfig.from_dict({"train": {"steps": 3}}).train, TrainConfig)
+
+
+# ------------------------------------------------------------------- complete files and field types
+def _composer_config_file(tmp_path, edit):
+    """A model folder's config.json as save_pretrained writes it, edited by `edit`."""
+    import json
+
+    from zscir.composer import ComposerConfig
+    from zscir.models.phi import PhiConfig
+
+    data = ComposerConfig(phi=PhiConfig(num_tokens=2), adapters=AdapterConfig(rank=4)).to_dict()
+    edit(data)
+    path = tmp_path / "model" / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("where, field", [((), "query_prompt"), ((), "phi"), ((), "backbone"), ((), "placeholder"),
+                                          (("phi",), "num_tokens"), (("backbone",), "model_name"),
+                                          (("adapters",), "rank")])
+def test_a_missing_field_of_a_model_folder_config_is_an_error_naming_file_and_field(tmp_path, where, field):
+    from zscir.composer import ComposerConfig
+
+    def drop(data):
+        for key in where:
+            data = data[key]
+        del data[field]
+
+    path = _composer_config_file(tmp_path, drop)
+    with pytest.raises(ConfigError) as info:
+        ComposerConfig.from_json(path)
+    message = str(info.value)
+    assert str(path) in message and f"'{field}'" in message and "missing" in message, message
+    if where:
+        assert f"{path}.{where[0]}" in message
+
+
+def test_a_custom_prompt_is_never_lost_to_a_default(tmp_path):
+    """The reported case: a folder whose config.json lost its query_prompt must not load with the default prompt."""
+    from zscir.composer import Composer
+
+    torch.manual_seed(0)
+    Composer.from_clip("zscir-micro", query_prompt="a sketch of $ that {modification}").save_pretrained(tmp_path / "m")
+    assert Composer.from_pretrained(tmp_path / "m").config.query_prompt == "a sketch of $ that {modification}"
+    path = tmp_path / "m" / "config.json"
+    import json
+
+    data = json.loads(path.read_text())
+    del data["query_prompt"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"m/config.json: missing field.*'query_prompt'"):
+        Composer.from_pretrained(tmp_path / "m")
+
+
+def test_old_model_folder_layouts_still_load_with_the_documented_defaults(tmp_path):
+    """Fields added after model folders were first written may be absent: image_residual, phi's patch_grid,
+    vsi_mode and vsi_tokens (the per-class OPTIONAL_FIELDS lists)."""
+    from zscir.composer import ComposerConfig
+
+    def old(data):
+        del data["image_residual"]
+        for key in ("patch_grid", "vsi_mode", "vsi_tokens"):
+            del data["phi"][key]
+        data["phi"]["max_patches"] = 1024
+        data["image_prompt"] = "a photo of $"
+
+    cfg = ComposerConfig.from_json(_composer_config_file(tmp_path, old))
+    assert cfg.image_residual is False and cfg.phi.patch_grid == 4 and cfg.phi.vsi_mode == "concat"
+    assert cfg.phi.vsi_tokens == 2 and cfg.phi.num_tokens == 2 and cfg.adapters == AdapterConfig(rank=4)
+    assert ComposerConfig.from_json(_composer_config_file(tmp_path, lambda d: d.update(adapters=None))).adapters is None
+
+
+@pytest.mark.parametrize("where, field, value, expected", [
+    (("phi",), "num_tokens", "4", "int"),
+    (("phi",), "use_vsi", 1, "bool"),
+    (("phi",), "dropout", "0.1", "float"),
+    (("phi",), "num_tokens", True, "int"),
+    ((), "query_prompt", None, "str"),
+    ((), "phi", [1, 2], "PhiConfig"),
+    (("adapters",), "targets", ["attn", 3], "list of str"),
+    (("backbone",), "model_cfg", "ViT-B-32", "object or null"),
+])
+def test_a_wrong_type_is_an_error_naming_field_expected_and_got(tmp_path, where, field, value, expected):
+    from zscir.composer import ComposerConfig
+
+    def set_value(data):
+        for key in where:
+            data = data[key]
+        data[field] = value
+
+    path = _composer_config_file(tmp_path, set_value)
+    with pytest.raises(ConfigError) as info:
+        ComposerConfig.from_json(path)
+    message = str(info.value)
+    assert str(path) in message and f"field '{field}'" in message, message
+    assert f"must be {expected}" in message and f"got {type(value).__name__}" in message, message
+
+
+def test_override_files_may_stay_partial_but_are_type_checked(tmp_path):
+    """A training --config names only what it changes (defaults fill the rest); types are still checked."""
+    cfg = Stage2Config.from_dict({"adapters": {"rank": 4}, "train": {"lr": 1, "steps": 9}, "components": ["reference"]})
+    assert cfg.adapters.rank == 4 and cfg.adapters.kind == "lora" and cfg.train.steps == 9
+    assert cfg.components == ("reference",) and cfg.train.lr == 1  # an integer is a valid float
+    with pytest.raises(ConfigError, match=r"cfg.json.train: field 'steps' of TrainConfig must be int, got float 9.5"):
+        (tmp_path / "cfg.json").write_text('{"train": {"steps": 9.5}}')
+        Stage2Config.from_json(tmp_path / "cfg.json")
+    with pytest.raises(ConfigError, match=r"field 'prompts' of Stage1Config must be list of str, got str"):
+        Stage1Config.from_dict({"prompts": "a photo of $"})

@@ -86,6 +86,20 @@ def test_fashioniq_reports_all_bad_rows_at_once(tmp_path):
     assert "split.toptee.val.json: file not found" in message
 
 
+@pytest.mark.parametrize("bad", ["../../outside", "/etc/outside", "..\\..\\outside", "C:/outside", "sub/../../x"])
+def test_fashioniq_refuses_image_names_outside_the_images_folder(tmp_path, bad):
+    root = tmp_path / "fiq"
+    make_fashioniq(root)
+    (tmp_path / "outside.png").write_bytes((root / "images" / "D000.png").read_bytes())  # a file the name would reach
+    _edit_json(root / "image_splits" / "split.dress.val.json", lambda names: names.append(bad))
+    with pytest.raises(AnnotationError) as info:
+        load_fashioniq(root, "val")
+    message = str(info.value)
+    assert "1 problem(s)" in message and "split.dress.val.json" in message
+    assert "must be a path inside the folder" in message
+    assert repr(bad) in message
+
+
 def test_fashioniq_text_options():
     captions = ["is red.", " has dots? "]
     assert fashioniq_texts(captions) == ("is red and has dots", "has dots and is red")  # SEARLE: both, stripped

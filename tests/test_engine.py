@@ -159,3 +159,140 @@ def test_epoch_indices_cover_every_example_once_per_epoch():
     seen = torch.cat([epoch_indices(n, b, s, seed=3) for s in range(0, 50 * 4 // b)])[:n]
     assert sorted(seen.tolist()) == list(range(n))
     assert torch.equal(epoch_indices(n, b, 7, 3), epoch_indices(n, b, 7, 3))
+
+
+# ----------------------------------------------------------------- torn checkpoints and Ctrl-C
+class _Killed(BaseException):
+    """SIGKILL stand-in: nothing after it runs (no except/finally of the trainer can save anything)."""
+
+
+def test_a_kill_between_the_weights_and_the_json_resumes_the_previous_complete_state(tmp_path, monkeypatch):
+    """The weights of step 15 reach the disk, its state.json does not: resume must be the step-10 pair, not a mix."""
+    import zscir.train.engine as engine
+
+    cfg = dataclasses.replace(CFG, save_every=5)
+    straight = NoisyPairTask()
+    Trainer(straight, cfg, progress=False).train()
+    real = engine.atomic_write_json
+
+    def killed_at_15(path, obj):
+        if obj.get("step") == 15:
+            raise _Killed
+        real(path, obj)
+
+    monkeypatch.setattr(engine, "atomic_write_json", killed_at_15)
+    with pytest.raises(_Killed):
+        Trainer(NoisyPairTask(), cfg, output_dir=tmp_path, progress=False).train()
+    monkeypatch.setattr(engine, "atomic_write_json", real)
+    resumed = NoisyPairTask()
+    result = Trainer(resumed, cfg, output_dir=tmp_path, progress=False).train(resume=True)
+    assert result.resumed_from == 10
+    assert torch.equal(_params(resumed.module), _params(straight.module))
+
+
+def test_a_weights_file_that_does_not_belong_to_its_json_is_refused(tmp_path):
+    from zscir.train.engine import read_state
+
+    Trainer(PairTask(), dataclasses.replace(CFG, steps=5), output_dir=tmp_path, progress=False).train()
+    meta, tensors = read_state(tmp_path)
+    step5 = (tmp_path / "state" / meta["tensors"]["file"]).read_bytes()
+    Trainer(PairTask(), dataclasses.replace(CFG, steps=10), output_dir=tmp_path, progress=False).train(resume=True)
+    meta = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert meta["step"] == 10 and sorted(p.name for p in (tmp_path / "state").iterdir()) == sorted(
+        ["state.json", meta["tensors"]["file"]])  # the step-5 weights are gone once step 10 is complete
+    (tmp_path / "state" / meta["tensors"]["file"]).write_bytes(step5)  # a mixed pair: step-10 JSON, step-5 weights
+    with pytest.raises(CheckpointError, match=r"state.json .*step 10.* does not match .*digest"):
+        Trainer(PairTask(), dataclasses.replace(CFG, steps=12), output_dir=tmp_path, progress=False).train(resume=True)
+
+
+def _interrupt_in_loss(task, at_step):
+    real = task.loss
+
+    def loss(outputs, batch, step):
+        if step == at_step:  # half-way through the step: its batch (and RNG draws) are made, no update yet
+            raise KeyboardInterrupt
+        return real(outputs, batch, step)
+
+    task.loss = loss
+    return task
+
+
+def test_ctrl_c_inside_a_step_resumes_bit_for_bit(tmp_path):
+    straight = NoisyPairTask()
+    Trainer(straight, CFG, progress=False).train()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_interrupt_in_loss(NoisyPairTask(), 10), CFG, output_dir=tmp_path, progress=False).train()
+    resumed = NoisyPairTask()
+    result = Trainer(resumed, CFG, output_dir=tmp_path, progress=False).train(resume=True)
+    assert result.resumed_from == 10
+    assert torch.equal(_params(resumed.module), _params(straight.module))
+
+
+def test_a_real_sigint_finishes_the_step_saves_and_resumes_bit_for_bit(tmp_path):
+    import signal
+
+    class SigintAt10(NoisyPairTask):
+        def make_batch(self, indices, step):
+            batch = super().make_batch(indices, step)  # the RNG draws of step 11 are made
+            if step == 10:
+                os.kill(os.getpid(), signal.SIGINT)
+            return batch
+
+    straight = NoisyPairTask()
+    Trainer(straight, CFG, progress=False).train()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(SigintAt10(), CFG, output_dir=tmp_path, progress=False).train()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    resumed = NoisyPairTask()
+    result = Trainer(resumed, CFG, output_dir=tmp_path, progress=False).train(resume=True)
+    assert result.resumed_from == 11  # the started step was finished before stopping
+    assert torch.equal(_params(resumed.module), _params(straight.module))
+
+
+def test_an_interrupt_while_the_weights_change_keeps_the_last_checkpoint(tmp_path, caplog):
+    """Half-applied updates are never saved: the state stays at the last complete checkpoint."""
+    cfg = dataclasses.replace(CFG, save_every=5)
+    straight = PairTask()
+    Trainer(straight, cfg, progress=False).train()
+    trainer = Trainer(PairTask(), cfg, output_dir=tmp_path, progress=False)
+    real = trainer.scheduler.step
+
+    def step():
+        if trainer.step == 12:  # the optimiser has changed the weights of step 13, the step counter has not
+            raise KeyboardInterrupt
+        real()
+
+    trainer.scheduler.step = step
+    with caplog.at_level("WARNING", logger="zscir.train.engine"), pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["step"] == 10
+    assert "last checkpoint" in caplog.text
+    resumed = PairTask()
+    assert Trainer(resumed, cfg, output_dir=tmp_path, progress=False).train(resume=True).resumed_from == 10
+    assert torch.equal(_params(resumed.module), _params(straight.module))
+
+
+def test_resume_without_a_state_says_it_starts_fresh_and_another_data_set_is_refused(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="zscir.train.engine"):
+        Trainer(PairTask(), dataclasses.replace(CFG, steps=3), output_dir=tmp_path, progress=False).train(resume=True)
+    assert "no training state" in caplog.text and "from step 0" in caplog.text
+    with pytest.raises(CheckpointError, match=r"trained on 256 examples.*now has 128"):
+        Trainer(PairTask(n=128), dataclasses.replace(CFG, steps=5), output_dir=tmp_path,
+                progress=False).train(resume=True)
+
+
+def test_a_state_written_before_the_pair_was_bound_still_resumes(tmp_path, caplog):
+    straight = PairTask()
+    Trainer(straight, CFG, progress=False).train()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_interrupt_at(PairTask(), 20), CFG, output_dir=tmp_path, progress=False).train()
+    meta = json.loads((tmp_path / "state" / "state.json").read_text())
+    (tmp_path / "state" / meta.pop("tensors")["file"]).rename(tmp_path / "state" / "state.safetensors")  # old layout
+    del meta["num_examples"]
+    (tmp_path / "state" / "state.json").write_text(json.dumps(meta))
+    resumed = PairTask()
+    with caplog.at_level("WARNING", logger="zscir.train.engine"):
+        assert Trainer(resumed, CFG, output_dir=tmp_path, progress=False).train(resume=True).resumed_from == 20
+    assert "predates bound checkpoints" in caplog.text
+    assert torch.equal(_params(resumed.module), _params(straight.module))
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["state-00000040.safetensors", "state.json"]

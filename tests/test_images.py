@@ -169,6 +169,39 @@ def test_huge_png_downscaled_or_refused_by_decode_limit(tmp_path, monkeypatch):
         load_image(path, max_decode_pixels=100_000)
 
 
+def test_extreme_aspect_ratio_is_refused_from_the_header(tmp_path):
+    strip = _save(Image.new("L", (200_000, 1), 7), tmp_path / "strip.png")
+    assert strip.stat().st_size < 2_000  # tiny on disk; resizing its short side to a model's 64 px is 819M pixels
+    with pytest.raises(ImageLoadError, match=r"strip.png.*200000x1.*aspect ratio 200000:1.*max_aspect_ratio=100"):
+        load_image(strip)
+    with pytest.raises(ImageLoadError, match="aspect ratio"):
+        load_image(_save(Image.new("RGB", (3, 900), 0), tmp_path / "tall.png"))  # either orientation
+    assert load_image(_save(Image.new("RGB", (1000, 10), 0), tmp_path / "ok.png")).size == (1000, 10)  # 100:1 loads
+    assert load_image(strip, max_aspect_ratio=300_000).size == (200_000, 1)  # the limit is a parameter
+    with pytest.raises(ValueError, match="max_aspect_ratio"):
+        load_image(strip, max_aspect_ratio=0.5)
+
+
+def test_a_strip_in_a_gallery_is_reported_and_skipped_before_any_resize(tmp_path):
+    """A 200000x1 PNG among good images: skipped like a corrupt image; the model's resize never sees it."""
+    paths = _gallery(tmp_path, n=4, bad=())
+    paths.insert(2, _save(Image.new("L", (200_000, 1), 7), tmp_path / "strip.png"))
+    seen = []
+
+    def clip_like(im):  # a CLIP preprocess would resize the short side to 64 px here (2.4 GB for the strip)
+        seen.append(im.size)
+        return _to_tensor(im)
+
+    failures = []
+    batches = list(iter_image_batches(paths, clip_like, batch_size=8, progress=False, on_failure=failures.append))
+    assert torch.cat([i for i, _ in batches]).tolist() == [0, 1, 3, 4]
+    assert [(f.index, Path(f.path).name) for f in failures] == [(2, "strip.png")]
+    assert "aspect ratio" in failures[0].reason
+    assert max(max(size) for size in seen) < 100  # only the good images reached the transform
+    (idx, images), = list(iter_image_batches(paths, None, batch_size=8, progress=False))  # the eval path: PIL images
+    assert idx.tolist() == [0, 1, 3, 4]
+
+
 def test_min_side_draft_keeps_the_short_side(tmp_path):
     path = _save(Image.new("RGB", (1000, 600), (1, 2, 3)), tmp_path / "x.jpg")
     out = load_image(path, min_side=100)
@@ -314,6 +347,9 @@ def test_hf_image_source(tmp_path):
     with pytest.raises(ImageLoadError, match=r"image\[1\]:broken.jpg"):
         src.load(1)
     assert src.load(2).getpixel((0, 0)) == (9, 9, 9)
+    strips = datasets.Dataset.from_dict({"image": [Image.new("L", (5000, 2), 3)]}).cast_column("image", datasets.Image())
+    with pytest.raises(ImageLoadError, match=r"image\[0\].*aspect ratio 2500:1"):
+        hf_image_source(strips, "image").load(0)
     batches = list(iter_image_batches(src, _to_tensor, batch_size=2, progress=False))
     assert torch.cat([i for i, _ in batches]).tolist() == [0, 2]
     assert src.fingerprint() == hf_image_source(ds, "image").fingerprint()

@@ -139,8 +139,8 @@ def test_bf16_stage1_cli_caches_features_apart_from_float32(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(12):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
-    base = ["train-stage1", "--images", str(imgs), "--model", "zscir-micro", "--steps", "2", "--batch-size", "4",
-            "--no-progress", "--concept-weight", "0", "--cache-dir", str(tmp_path / "cache")]
+    base = ["train-stage1", "--images", str(imgs), "--model", "zscir-micro", "--random-init", "--steps", "2",
+            "--batch-size", "4", "--no-progress", "--concept-weight", "0", "--cache-dir", str(tmp_path / "cache")]
     assert main(base + ["--out", str(tmp_path / "bf16"), "--mixed-precision", "bf16"]) == 0
     state = json.loads((tmp_path / "bf16" / "state" / "state.json").read_text())
     assert state["config"]["mixed_precision"] == "bf16"

@@ -6,11 +6,12 @@ Loading uses safetensors only; nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Type, Union
 
 import torch
 
@@ -51,17 +52,40 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_json(path: PathLike, error: Optional[Type[Exception]] = None, missing: str = "file not found") -> Any:
+    """Parse a JSON file; a missing file ("<missing>: <path>") or invalid JSON raises `error` (CheckpointError)."""
+    error = error or CheckpointError
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{missing}: {path}") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: invalid JSON ({err})") from None
+
+
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     """Write an object as pretty JSON to `path` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
-    """Save a flat dict of tensors as safetensors, atomically."""
+def save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> str:
+    """Save a flat dict of tensors as safetensors, atomically; return the SHA-256 of the file written."""
     from safetensors.torch import save
 
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(clean, metadata=metadata))
+    data = save(clean, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in chunks (large checkpoints never sit in memory twice)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_tensors(path: PathLike) -> Dict[str, torch.Tensor]:

@@ -65,15 +65,10 @@ class ComposerConfig(Config):
     stage: str = "untrained"  # "untrained", "stage1", "stage2"
 
     DROPPED_FIELDS = {"image_prompt": "never used by any code path; removed in the layout refactor"}
-
-    @classmethod
-    def from_dict(cls, data, source: str = "config"):
-        """Build from a dict; nested adapter config may be null."""
-        data = dict(data)
-        adapters = data.pop("adapters", None)
-        cfg = super().from_dict(data, source)
-        cfg.adapters = AdapterConfig.from_dict(adapters, source=f"{source}.adapters") if adapters else None
-        return cfg
+    # config.json of a model folder is written whole: a missing field is an error (a lost custom prompt must not
+    # silently become the default), except fields added after the first folders were written
+    COMPLETE = True
+    OPTIONAL_FIELDS = ("image_residual",)
 
 
 def phi_patch_grid(phi: PhiConfig, backbone: Backbone, source: str = "phi config") -> Optional[Tuple[int, int]]:

@@ -11,7 +11,9 @@
 Writes ``results.json``, the trained model folder (``model/``, loadable with
 ``Composer.from_pretrained``), ``examples.png`` (queries and their top 5) and
 ``training_curves.png``. Finished parts are kept in the output folder, so a
-run that was interrupted (Ctrl-C) continues where it stopped.
+run that was interrupted (Ctrl-C) continues where it stopped. ``--overwrite``
+replaces another run's folder by removing only the entries the demo writes
+(listed in its ``demo_run.json``); a folder with other files is refused.
 """
 from __future__ import annotations
 
@@ -20,10 +22,9 @@ import errno
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -31,6 +32,7 @@ from .checkpoint import atomic_write_json
 from .composer import Composer
 from .config import Config
 from .models.phi import PhiConfig
+from .runs import RunFolder
 from .train.engine import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -71,24 +73,26 @@ def stage1_variants(cfg: DemoConfig) -> Dict[str, Any]:
     }
 
 
+def stage1_folder(name: str) -> str:
+    """The folder (in the demo's output folder) of the Stage-I variant `name`."""
+    return "stage1_" + name.lower().replace(" ", "_").replace("-", "_")
+
+
+#: The entries a demo run writes in its folder: all that --overwrite may remove.
+DEMO_OUTPUTS: Tuple[str, ...] = (*(stage1_folder(n) for n in stage1_variants(DemoConfig())), "stage2", "model",
+                                 "results.json", "examples.png", "training_curves.png")
+
+
 class OutputFolder:
-    """The demo's output folder: refuses another run's folder unless overwriting; reports disk errors clearly."""
+    """The demo's output folder: continues a run with the same settings, replaces another only with `overwrite`
+    (removing only what the demo wrote: a folder with other files is refused); reports disk errors clearly."""
 
     def __init__(self, path: Path, settings: Dict[str, Any], overwrite: bool) -> None:
         self.path = path
-        run_file = path / RUN_FILE
-        if path.exists() and any(path.iterdir()):
-            same = run_file.is_file() and _read_json(run_file) == settings
-            if not same and not overwrite:
-                raise FileExistsError(
-                    f"{path} is not empty and holds another run (or other files); "
-                    "pass --overwrite to replace it, or choose another --out"
-                )
-            if not same:
-                shutil.rmtree(path)
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(run_file, settings)
+            RunFolder(path, "demo", settings, DEMO_OUTPUTS, run_file=RUN_FILE).open(resume=None, overwrite=overwrite)
+        except FileExistsError:
+            raise
         except OSError as err:
             raise disk_error(err, path) from None
 
@@ -152,7 +156,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
     stage1: Dict[str, Composer] = {}
     curves: Dict[str, List[Dict[str, float]]] = {}
     for name, (phi, loss, concept_weight) in stage1_variants(cfg).items():
-        slug = name.lower().replace(" ", "_").replace("-", "_")
+        slug = stage1_folder(name)[len("stage1_"):]
         model_dir = folder / f"stage1_{slug}" / "model"
         if (model_dir / "config.json").is_file():
             stage1[name] = Composer.from_pretrained(model_dir)

@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from ..precision import PRECISIONS, resolve_precision
+from ..runs import RunFolder
 from ..train.engine import TrainConfig
 
 PRECISION_FLAG = "--mixed-precision"
+#: What a training command writes in --out: replaced by --overwrite ...
+TRAIN_OUTPUTS = ("state", "model")
+#: ... and what it writes there but keeps (keyed caches a new run reuses when they match).
+TRAIN_KEPT = ("features",)
+#: Settings a continued run may change (the engine allows them too): more steps, other checkpoint/log spacing.
+RESUME_FREE = ("config.train.steps", "config.train.save_every", "config.train.log_every")
 
 
 def add_model_argument(parser: argparse.ArgumentParser, help: str, required: bool = True,
@@ -58,7 +66,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=None, help="steps between resumable checkpoints")
     add_precision_argument(parser, "training and feature encoding (overrides train.mixed_precision of --config)")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in OUT from its last checkpoint (OUT/state); the settings recorded in "
+                            "OUT/run.json (config, data, model) must match, except --steps, --save-every; with "
+                            "nothing to resume it says so and starts")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run in OUT: removes only what zscir wrote there (run.json, state/, model/; "
+                            "the keyed feature cache OUT/features is kept) and refuses a folder holding other files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -69,3 +84,16 @@ def train_config_from_args(train: TrainConfig, args: Any) -> TrainConfig:
         if value is not None:
             train = dataclasses.replace(train, **{name: value})
     return dataclasses.replace(train, mixed_precision=resolve_cli_precision(args))
+
+
+def open_training_run(args: argparse.Namespace, command: str, settings: Dict[str, Any],
+                      info: Optional[Dict[str, Any]] = None) -> Tuple[Optional[RunFolder], bool]:
+    """Check and record the run in `--out` (see zscir.runs); return it (None on other processes) and whether to resume.
+
+    An existing run is refused without --resume or --overwrite. Only the main process touches the folder;
+    the others resume when asked (the engine finds the same state).
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None, bool(args.resume)
+    run = RunFolder(args.out, command, settings, TRAIN_OUTPUTS, kept=TRAIN_KEPT, free=RESUME_FREE, info=info or {})
+    return run, run.open(resume=args.resume, overwrite=args.overwrite)

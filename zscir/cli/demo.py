@@ -13,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI arguments of ``zscir demo``."""
     add_out_argument(parser, "output folder (default: ./zscir-demo)", default=Path("zscir-demo"))
     parser.add_argument("--fast", action="store_true", help="a smaller, quicker run")
-    parser.add_argument("--overwrite", action="store_true", help="replace an output folder from another run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace another demo run's folder: removes only what the demo wrote there "
+                             "(listed in its demo_run.json) and refuses a folder holding other files")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of Stage I, the triplets and Stage II (the tiny CLIP and the test queries stay fixed)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the tiny CLIP is cached")

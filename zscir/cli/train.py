@@ -3,23 +3,39 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..checkpoint import file_sha256
+from ..runs import data_fingerprint, folder_fingerprint
 from ..train.bank import BankStageConfig
 from ..train.clip_pretrain import PRESETS
 from ..train.stage1 import STAGE1_LOSSES, Stage1Config
 from ..train.stage2 import Stage2Config
 from .common import (add_device_argument, add_model_argument, add_out_argument, add_precision_argument,
-                     add_train_arguments, resolve_cli_precision, resolve_device, train_config_from_args)
+                     add_train_arguments, open_training_run, resolve_cli_precision, resolve_device,
+                     train_config_from_args)
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
-    "bank_add_arguments", "bank_config_from_args", "bank_run", "pretrain_clip_add_arguments", "pretrain_clip_run",
-    "stage1_add_arguments", "stage1_config_from_args", "stage1_run", "stage2_add_arguments", "stage2_config_from_args",
-    "stage2_run",
+    "TINY_CLIP", "Stage1Backbone", "bank_add_arguments", "bank_config_from_args", "bank_run",
+    "pretrain_clip_add_arguments", "pretrain_clip_run", "stage1_add_arguments", "stage1_backbone",
+    "stage1_config_from_args", "stage1_run", "stage2_add_arguments", "stage2_config_from_args", "stage2_run",
 ]
+
+#: `--model` name of the shapes world's trained tiny CLIP (`tiny-clip:PRESET` for another pretrain-clip preset).
+TINY_CLIP = "tiny-clip"
+STAGE1_MODEL_CHOICES = (
+    "an open_clip name with its weights, --pretrained TAG or FILE (e.g. --model ViT-L-14 --pretrained openai); "
+    "a backbone or model folder; or tiny-clip[:PRESET], the shapes world's trained tiny CLIP (the cached "
+    "`zscir pretrain-clip --preset PRESET` model, PRESET default unless given; trained on first use)"
+)
 
 
 # ------------------------------------------------------------------------------------------ pretrain-clip
@@ -69,8 +85,11 @@ def stage1_add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--shapes", type=int, metavar="N", help="N unlabeled images of the built-in shapes world")
     parser.add_argument("--image-column", default="image")
     add_device_argument(parser, "feature caching")
-    add_model_argument(parser, "open_clip model name or backbone folder (default: tiny CLIP)", default="zscir-tiny")
+    add_model_argument(parser, f"the CLIP to train phi on (required): {STAGE1_MODEL_CHOICES}", required=False)
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weight file (e.g. openai)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="the open_clip architecture --model names with random weights, seeded by --seed "
+                             "(smoke tests only: nothing learnt on it transfers)")
     add_out_argument(parser, "output folder (model in OUT/model)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder")
     parser.add_argument("--config", type=Path, default=None, help="Stage1Config JSON")
@@ -103,19 +122,103 @@ def stage1_config_from_args(args: argparse.Namespace) -> Stage1Config:
     return cfg
 
 
+@dataclasses.dataclass
+class Stage1Backbone:
+    """The backbone `--model`, `--pretrained` and `--random-init` name, checked, not yet loaded."""
+
+    model: str  # open_clip name or folder (for the tiny CLIP: found when loading)
+    pretrained: Optional[str] = None
+    random_init: bool = False
+    tiny_preset: Optional[str] = None
+    settings: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the run's "model" settings entry
+
+    def load(self, phi: Any, device: str, precision: str, progress: bool, seed: int) -> Any:
+        """The Composer over this backbone with an untrained phi, both initialised from `seed`."""
+        from ..composer import Composer
+
+        name = self.model
+        if self.tiny_preset is not None:
+            from ..train.clip_pretrain import pretrained_tiny_clip
+
+            folder, _ = pretrained_tiny_clip(self.tiny_preset, progress=progress, precision=precision)
+            name = str(folder)
+        if self.random_init:
+            logger.warning("--random-init: the %s backbone has random weights (seed %d); a phi trained on it "
+                           "learns nothing that transfers (smoke tests only)", self.model, seed)
+        torch.manual_seed(seed)  # random backbone weights and phi's initialisation: the same run, the same model
+        return Composer.from_clip(name, self.pretrained, phi=phi, device=device)
+
+
+def stage1_backbone(model: Optional[str], pretrained: Optional[str], random_init: bool,
+                    precision: str = "no") -> Stage1Backbone:
+    """Check `--model` / `--pretrained` / `--random-init` of train-stage1: one clear error listing the choices."""
+    if not model:
+        raise ValueError(f"--model is required: {STAGE1_MODEL_CHOICES}; or --random-init with an open_clip name "
+                         "for random weights (smoke tests only)")
+    name, _, preset = model.partition(":")
+    if name == TINY_CLIP:
+        preset = preset or "default"
+        if preset not in PRESETS:
+            raise ValueError(f"--model {model}: unknown tiny-CLIP preset {preset!r}; choose one of {sorted(PRESETS)}")
+        if pretrained or random_init:
+            raise ValueError(f"--model {model} is a trained model: it takes neither --pretrained nor --random-init")
+        return Stage1Backbone(model, tiny_preset=preset,
+                              settings={"tiny_clip": preset, "tiny_clip_precision": precision})
+    if Path(model).is_dir():
+        if pretrained or random_init:
+            raise ValueError(f"--model {model} is a folder with its own weights: it takes neither --pretrained "
+                             "nor --random-init")
+        return Stage1Backbone(model, settings={"folder": folder_fingerprint(Path(model))})
+    if model.startswith("hf-hub:"):  # open_clip fetches these with their weights
+        return Stage1Backbone(model, pretrained, settings={"name": model, "weights": pretrained or "hf-hub"})
+    if os.sep in model or model.startswith("."):
+        raise FileNotFoundError(f"--model {model}: folder not found ({STAGE1_MODEL_CHOICES})")
+    if random_init and pretrained:
+        raise ValueError("--random-init and --pretrained exclude each other")
+    if random_init:
+        return Stage1Backbone(model, random_init=True, settings={"name": model, "weights": "random"})
+    if not pretrained:
+        raise ValueError(f"--model {model} names an open_clip architecture without weights: add --pretrained TAG "
+                         "or FILE (e.g. openai; open_clip.list_pretrained() lists the tags), or --random-init for "
+                         f"random weights seeded by --seed (smoke tests only). Other choices: {STAGE1_MODEL_CHOICES}")
+    weights = f"sha256:{file_sha256(pretrained)}" if Path(pretrained).is_file() else pretrained
+    return Stage1Backbone(model, pretrained, settings={"name": model, "weights": weights})
+
+
+def _stage1_images(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
+    """The unlabeled images of --images / --file-list / --hf-dataset, and their "data" settings entry."""
+    from ..data import images as img
+
+    if args.images or args.file_list:
+        paths = img.list_images(args.images) if args.images else img.read_file_list(args.file_list)
+        return paths, {"images": len(paths), "sha256": data_fingerprint([os.path.abspath(p) for p in paths])}
+    import datasets
+
+    ds = datasets.load_dataset(args.hf_dataset, split="train") if not Path(args.hf_dataset).is_dir() \
+        else datasets.load_from_disk(args.hf_dataset)
+    source = img.hf_image_source(ds, image_column=args.image_column)
+    return source, {"images": len(source), "hf_fingerprint": source.fingerprint()}
+
+
 def stage1_run(args: argparse.Namespace) -> int:
     """Entry point of ``zscir train-stage1``."""
-    from ..composer import Composer
     from ..data.features import FeatureCache
     from ..train.features import FeatureSource, shapes_features
     from ..train.stage1 import train_stage1
 
     cfg = stage1_config_from_args(args)
-    composer = Composer.from_clip(args.model, args.pretrained, phi=cfg.phi, device=resolve_device(args))
-    cfg = dataclasses.replace(cfg, phi=composer.phi.config)
+    backbone = stage1_backbone(args.model, args.pretrained, args.random_init, cfg.train.mixed_precision)
+    source, data = (None, {"shapes": args.shapes}) if args.shapes else _stage1_images(args)
     concepts = None
     if args.concepts:
         concepts = [w.strip() for w in args.concepts.read_text().splitlines() if w.strip()]
+    settings = {"config": cfg.to_dict(), "model": backbone.settings, "data": data,
+                "concepts": data_fingerprint(concepts) if concepts else None}
+    data_arg = args.images or args.file_list or args.hf_dataset
+    run, resume = open_training_run(args, "train-stage1", settings, info={"model": args.model, "data": data_arg})
+    composer = backbone.load(cfg.phi, resolve_device(args), cfg.train.mixed_precision, not args.no_progress,
+                             cfg.train.seed)
+    cfg = dataclasses.replace(cfg, phi=composer.phi.config)
     if args.shapes:
         from ..shapes import ShapesWorld, ShapesWorldConfig
 
@@ -124,24 +227,14 @@ def stage1_run(args: argparse.Namespace) -> int:
                                    progress=not args.no_progress, precision=cfg.train.mixed_precision)
         concepts = concepts or world.concept_phrases()
     else:
-        from ..data import images as img
-
-        if args.images:
-            source: Any = img.list_images(args.images)
-        elif args.file_list:
-            source = img.read_file_list(args.file_list)
-        else:
-            import datasets
-
-            ds = datasets.load_dataset(args.hf_dataset, split="train") if not Path(args.hf_dataset).is_dir() \
-                else datasets.load_from_disk(args.hf_dataset)
-            source = img.hf_image_source(ds, image_column=args.image_column)
         cache_dir = args.cache_dir or args.out / "features"
         cache = FeatureCache.build(composer.backbone, source, cache_dir, patch_grid=composer.phi.config.patch_grid,
                                    progress=not args.no_progress, precision=cfg.train.mixed_precision)
         features = FeatureSource.from_cache(cache)
-    train_stage1(composer, features, cfg, output_dir=args.out, concepts=concepts, resume=args.resume,
+    train_stage1(composer, features, cfg, output_dir=args.out, concepts=concepts, resume=resume,
                  progress=not args.no_progress)
+    if run is not None:
+        run.finish()
     print(f"stage I model: {args.out / 'model'}")
     return 0
 
@@ -154,13 +247,42 @@ def _add_triplet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", default=None, help="folder the triplet image paths are relative to")
 
 
-def _encode_triplets(composer: Any, args: argparse.Namespace, precision: str) -> Tuple[Any, Any]:
-    """The triplet set of `--triplets` (texts fitted to the text tower) and its frozen features, encoded in `precision`."""
+def _load_triplets(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
+    """The triplet set of `--triplets` and its "triplets" settings entry (a fingerprint of the rows)."""
     from ..data.triplets import load_triplets
+
+    triplets = load_triplets(args.triplets, image_root=args.image_root)
+    rows = [json.dumps(t.to_dict(), sort_keys=True) for t in triplets]
+    return triplets, {"rows": len(rows), "sha256": data_fingerprint(rows)}
+
+
+def _corpus_settings(folder: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The "corpus" settings entry of `--corpus` (a fingerprint of its image list), None without one."""
+    if not folder:
+        return None
+    from ..data.images import list_images
+
+    paths = [os.path.abspath(p) for p in list_images(folder)]
+    return {"images": len(paths), "sha256": data_fingerprint(paths)}
+
+
+def _open_triplet_run(args: argparse.Namespace, command: str, cfg: Any,
+                      triplet_settings: Dict[str, Any]) -> Tuple[Any, bool]:
+    """The run in --out of a command trained on triplets (train-stage2, train-bank); and whether it resumes."""
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: model folder not found")
+    settings = {"config": cfg.to_dict(), "model": {"folder": folder_fingerprint(Path(args.model))},
+                "triplets": triplet_settings, "corpus": _corpus_settings(args.corpus)}
+    return open_training_run(args, command, settings,
+                             info={"model": args.model, "triplets": args.triplets, "corpus": args.corpus})
+
+
+def _encode_triplets(composer: Any, triplets: Any, args: argparse.Namespace, precision: str) -> Tuple[Any, Any]:
+    """The triplets (texts fitted to the text tower) and their frozen features, encoded in `precision`."""
     from ..train.features import encode_triplets
     from ..train.stage2 import fit_to_context
 
-    triplets = fit_to_context(composer, load_triplets(args.triplets, image_root=args.image_root))
+    triplets = fit_to_context(composer, triplets)
     return triplets, encode_triplets(composer, triplets, progress=not args.no_progress, precision=precision)
 
 
@@ -203,15 +325,19 @@ def stage2_run(args: argparse.Namespace) -> int:
     from ..train.stage2 import train_stage2
 
     cfg = stage2_config_from_args(args)
+    triplets, triplet_settings = _load_triplets(args)
+    run, resume = _open_triplet_run(args, "train-stage2", cfg, triplet_settings)
     composer = Composer.from_pretrained(args.model, device=resolve_device(args))
-    _, feats = _encode_triplets(composer, args, cfg.train.mixed_precision)
+    _, feats = _encode_triplets(composer, triplets, args, cfg.train.mixed_precision)
     corpus = None
     if args.corpus:
         # cached on disk; corrupt corpus images are logged and skipped
         corpus = Corpus(*corpus_features(composer, args.corpus, args.out / "features", progress=not args.no_progress,
                                          precision=cfg.train.mixed_precision))
-    train_stage2(composer, feats, cfg, corpus=corpus, output_dir=args.out, resume=args.resume,
+    train_stage2(composer, feats, cfg, corpus=corpus, output_dir=args.out, resume=resume,
                  progress=not args.no_progress)
+    if run is not None:
+        run.finish()
     print(f"stage II model: {args.out / 'model'}")
     return 0
 
@@ -258,10 +384,12 @@ def bank_run(args: argparse.Namespace) -> int:
     from ..train.features import corpus_features
 
     cfg = bank_config_from_args(args)
+    triplets, triplet_settings = _load_triplets(args)
     composer = Composer.from_pretrained(args.model, device=resolve_device(args))
     if composer.config.adapters is None:
         raise ValueError(f"{args.model}: not a Stage-II model (no adapters); run zscir train-stage2 first")
-    triplets, feats = _encode_triplets(composer, args, cfg.train.mixed_precision)
+    run, resume = _open_triplet_run(args, "train-bank", cfg, triplet_settings)
+    triplets, feats = _encode_triplets(composer, triplets, args, cfg.train.mixed_precision)
     parts: List[Tuple[torch.Tensor, List[str]]] = []
     if args.corpus:
         parts.append(corpus_features(composer, args.corpus, args.cache_dir or args.out / "features",
@@ -271,6 +399,8 @@ def bank_run(args: argparse.Namespace) -> int:
     bank = build_bank(parts, cfg.dedup_threshold, progress=not args.no_progress)
     total = sum(len(p[0]) for p in parts)
     print(f"bank: {len(bank.ids)} images after deduplication ({total - len(bank.ids)} merged at cosine >= {cfg.dedup_threshold})")
-    train_bank(composer, feats, bank, cfg, output_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    train_bank(composer, feats, bank, cfg, output_dir=args.out, resume=resume, progress=not args.no_progress)
+    if run is not None:
+        run.finish()
     print(f"bank-stage model: {args.out / 'model'}")
     return 0

@@ -10,6 +10,9 @@ image. It handles
 * 16-bit and float images (``I;16*``, ``I``, ``F``), scaled to 8 bit (see
   :func:`to_rgb` for the rule);
 * EXIF orientation (``ImageOps.exif_transpose``);
+* extreme aspect ratios (a 200000x1 strip is a few hundred bytes, but a model's
+  resize of its shorter side to 224 px would need gigabytes): refused from the
+  header, before decoding, above ``max_aspect_ratio`` (default 100:1);
 * huge images: PIL's global decompression-bomb guard is replaced by our own
   limits. Images over ``max_pixels`` are downscaled (JPEGs already while decoding,
   with ``Image.draft``, so a 200-megapixel JPEG costs a few megabytes); images
@@ -69,6 +72,8 @@ IMAGE_EXTENSIONS: Tuple[str, ...] = (
 DEFAULT_MAX_PIXELS = 1 << 25
 #: Images that cannot be decoded at reduced size are refused above this many pixels (~800 MB as RGB).
 DEFAULT_MAX_DECODE_PIXELS = 1 << 28
+#: Images longer than this many times their shorter side are refused (a model resizes the shorter side).
+DEFAULT_MAX_ASPECT_RATIO = 100.0
 #: Transparent pixels are composited on this colour.
 WHITE = (255, 255, 255)
 
@@ -134,6 +139,19 @@ def _draft_target(size: Tuple[int, int], max_pixels: int, min_side: Optional[int
     if not targets:
         return None
     return min(targets, key=lambda t: t[0] * t[1])
+
+
+def check_aspect_ratio(size: Tuple[int, int], label: str, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
+    """Raise ImageLoadError naming `label` if an image of `size` is over `max_aspect_ratio` times its short side long."""
+    w, h = size
+    ratio = max(w, h) / max(1, min(w, h))
+    if ratio > max_aspect_ratio:
+        raise ImageLoadError(
+            label,
+            f"image is {w}x{h}, aspect ratio {ratio:.0f}:1 over max_aspect_ratio={max_aspect_ratio:g}; resizing its "
+            f"shorter side for a model would need {ratio:.0f} times the pixels of a square image "
+            "(raise max_aspect_ratio to load it)",
+        )
 
 
 def _high_depth_to_l(im: Image.Image) -> Image.Image:
@@ -215,15 +233,19 @@ def load_image(
     min_side: Optional[int] = None,
     background: Tuple[int, int, int] = WHITE,
     name: Optional[str] = None,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> Image.Image:
     """Decode an image file (path, bytes or binary file object) into 8-bit RGB, or raise ImageLoadError naming it.
 
     ``min_side``: if given, JPEGs may be decoded at a reduced DCT scale as long as the
     shorter side stays >= ``min_side`` (much faster when a model needs only 224 px).
-    ``name`` labels bytes / file objects in error messages.
+    ``name`` labels bytes / file objects in error messages. ``max_aspect_ratio``: longer
+    images are refused from the header, before any pixel is decoded.
     """
     if max_pixels < 1 or max_decode_pixels < 1:
         raise ValueError(f"max_pixels and max_decode_pixels must be positive, got {max_pixels}, {max_decode_pixels}")
+    if not max_aspect_ratio >= 1:
+        raise ValueError(f"max_aspect_ratio must be >= 1, got {max_aspect_ratio}")
     if isinstance(source, (bytes, bytearray)):
         label = name or "<bytes>"
         fp: Any = io.BytesIO(bytes(source))
@@ -245,6 +267,7 @@ def load_image(
         with im:
             if im.width < 1 or im.height < 1:
                 raise ImageLoadError(label, f"image has an empty size {im.size}")
+            check_aspect_ratio(im.size, label, max_aspect_ratio)
             target = _draft_target(im.size, max_pixels, min_side)
             if target is not None:
                 im.draft(None, target)  # JPEG only: decode at 1/2..1/8 scale; a no-op for other formats
@@ -468,6 +491,7 @@ class HFImageSource(ImageSource):
         label = f"{self.column}[{index}]"
         if isinstance(item, Image.Image):
             try:
+                check_aspect_ratio(item.size, label, self.load_kwargs.get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO))
                 return to_rgb(item)
             except ImageLoadError as err:
                 raise ImageLoadError(label, err.reason) from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 ImageId = Union[str, int]
@@ -27,6 +27,7 @@ __all__ = [
     "CIRQuery",
     "CIRSplit",
     "read_json_file",
+    "relative_image_path",
 ]
 
 MAX_PROBLEMS_SHOWN = 40
@@ -61,6 +62,20 @@ class ProblemLog:
         """Raise :class:`AnnotationError` listing every recorded problem, if there are any."""
         if self.problems:
             raise AnnotationError(what, self.problems)
+
+
+def relative_image_path(value: Any, where: str, field_name: str, log: ProblemLog) -> Optional[str]:
+    """`value` as a normalised relative POSIX path inside its folder, or None with a problem recorded in `log`."""
+    if not isinstance(value, str) or not value.strip():
+        log.add(f"{where}: field {field_name!r} must be a non-empty relative path string, got {value!r}")
+        return None
+    text = value.strip()
+    posix = PurePosixPath(text.replace("\\", "/"))
+    # absolute, drive-qualified ("C:/x") or climbing names would load files outside the dataset folder
+    if posix.is_absolute() or PureWindowsPath(text).drive or ".." in posix.parts:
+        log.add(f"{where}: field {field_name!r} must be a path inside the folder, got {value!r}")
+        return None
+    return posix.as_posix()
 
 
 class FileChecker:

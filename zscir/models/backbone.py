@@ -105,6 +105,8 @@ class BackboneConfig(Config):
     pretrained: Optional[str] = None
     model_cfg: Optional[Dict[str, Any]] = None  # full open_clip config, for architectures not registered
 
+    COMPLETE = True  # a backbone folder's config.json names every field
+
 
 @dataclasses.dataclass
 class ImageFeatures:

@@ -58,6 +58,9 @@ class PhiConfig(Config):
 
     # folders written before patch_grid existed load with its default 4: the grid their feature cache pooled to
     DROPPED_FIELDS = {"max_patches": "never read; replaced by patch_grid"}
+    # added after the first model folders were written; those load with the defaults (patch_grid 4: the grid
+    # their feature cache pooled to; vsi_mode "concat" with 2 VSI tokens: the only layout there was)
+    OPTIONAL_FIELDS = ("patch_grid", "vsi_mode", "vsi_tokens")
 
     def __post_init__(self) -> None:
         if not isinstance(self.patch_grid, int) or self.patch_grid < 0:

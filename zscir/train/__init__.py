@@ -10,7 +10,7 @@ negative bank). Command-line entry points live in :mod:`zscir.cli.train`.
 from .bank import BankStageConfig, build_bank, deduplicate, train_bank, triplet_bank_parts
 from .clip_pretrain import PRESETS, ClipPretrainConfig, pretrain, pretrained_tiny_clip
 from .components import STAGE2_COMPONENTS, ComponentContext, Stage2Component
-from .engine import TrainConfig, Trainer, TrainResult, TrainTask, epoch_indices
+from .engine import TrainConfig, Trainer, TrainResult, TrainTask, epoch_indices, read_state
 from .features import (Corpus, FeatureSource, TripletFeatures, corpus_features, encode_triplets, shapes_features,
                        shapes_triplet_features, text_features)
 from .stage1 import STAGE1_LOSSES, Stage1Config, default_concepts, train_stage1
@@ -18,7 +18,7 @@ from .stage2 import Stage2Config, Stage2Task, fit_to_context, prepare_stage2, tr
 
 __all__ = [
     # engine
-    "TrainConfig", "Trainer", "TrainResult", "TrainTask", "epoch_indices",
+    "TrainConfig", "Trainer", "TrainResult", "TrainTask", "epoch_indices", "read_state",
     # features
     "Corpus", "FeatureSource", "TripletFeatures", "corpus_features", "encode_triplets", "shapes_features",
     "shapes_triplet_features", "text_features",

@@ -15,16 +15,30 @@ gradient (see :meth:`Trainer.train`). So a run on N processes matches a
 1-process run with the same global batch.
 
 Checkpoints never use pickle: trainable weights and optimizer moments go to
-safetensors, step/RNG/scheduler state to JSON, both written atomically.
+safetensors, step/RNG/scheduler state to JSON, both written atomically. The two
+are bound: the weights go to a file named after the step, then ``state.json``
+(the commit point) names that file and its SHA-256, then older weight files are
+removed. A kill between the two writes leaves the previous complete pair in
+place, and a JSON whose weights file was replaced is refused on resume; a JSON
+and weights of different steps are never mixed.
+
+Ctrl-C: the first one finishes the running step, saves and stops (a second stops
+at once); an interrupt raised inside a step rewinds the RNG streams to the step's
+start before saving, so resuming reproduces an uninterrupted run exactly. An
+interrupt while the optimiser changes the weights saves nothing (that state is
+half-updated): the last checkpoint stays.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
-import json
 import logging
 import math
 import random
+import re
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -33,15 +47,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_write_json, load_tensors, save_tensors
+from ..checkpoint import (CheckpointError, atomic_write_json, file_sha256, load_tensors, read_json,
+                          save_tensors)
 from ..config import Config
 from ..precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR = "state"
-STATE_WEIGHTS = "state.safetensors"
+STATE_WEIGHTS = "state.safetensors"  # the weights of states written before the pair was bound (read only)
 STATE_META = "state.json"
+_STEP_WEIGHTS = re.compile(r"state-\d+\.safetensors")
 
 
 @dataclasses.dataclass
@@ -79,7 +95,7 @@ class TrainTask(abc.ABC):
         """Loss over the global batch (outputs gathered from all ranks) and scalar logs."""
 
     def on_step_end(self, step: int, module: nn.Module) -> None:
-        """Hook after each optimiser step (e.g. refresh mined negatives)."""
+        """Hook after each optimiser step (e.g. refresh mined negatives); state a step changes is best changed here."""
 
     def extra_state(self) -> Dict[str, torch.Tensor]:
         """Non-parameter tensors to checkpoint (e.g. running statistics)."""
@@ -192,6 +208,75 @@ def _set_rng_state(rng: Dict[str, Any]) -> None:
         logger.debug("this training state lacks the full numpy RNG state; numpy draws will not continue the run")
 
 
+def _rng_snapshot(device: torch.device) -> Tuple[Any, ...]:
+    """Every RNG stream a step may draw from (torch CPU and CUDA, python, numpy), in memory."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def _restore_rng(snapshot: Tuple[Any, ...], device: torch.device) -> None:
+    """Put back what :func:`_rng_snapshot` took."""
+    cpu, cuda, py, npy = snapshot
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
+class _StopRequest:
+    """SIGINT during training: the first asks to stop after the running step, a second stops at once."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc, self.requested, self._previous = desc, False, None
+
+    def __enter__(self) -> "_StopRequest":
+        # only the main thread may set handlers; a handler the user installed is left alone
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("%s: Ctrl-C: finishing this step, then saving a resumable state (Ctrl-C again to stop now)",
+                       self.desc)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def read_state(output_dir: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """The JSON and the tensors of the training state in ``output_dir/state``, checked to belong together."""
+    state_dir = Path(output_dir) / STATE_DIR
+    meta_path = state_dir / STATE_META
+    meta = read_json(meta_path, missing="training state not found")
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"{meta_path}: not a training state (expected a JSON object with a step)")
+    ref = meta.get("tensors")
+    if ref is None:  # written before the pair was bound: nothing to check it against
+        logger.warning("%s predates bound checkpoints; its weights cannot be checked to be of step %s",
+                       meta_path, meta.get("step"))
+        return meta, load_tensors(state_dir / STATE_WEIGHTS)
+    name = ref.get("file") if isinstance(ref, dict) else None
+    if not isinstance(name, str) or not _STEP_WEIGHTS.fullmatch(name):
+        raise CheckpointError(f"{meta_path}: field 'tensors' must name a state-<step>.safetensors file, got {ref!r}")
+    path = state_dir / name
+    if not path.is_file():
+        raise CheckpointError(f"{meta_path} (step {meta.get('step')}) names {name}, which is missing")
+    digest = file_sha256(path)
+    if digest != ref.get("sha256"):
+        raise CheckpointError(
+            f"{meta_path} (step {meta.get('step')}) does not match its weights file {name}: the recorded digest "
+            f"{str(ref.get('sha256'))[:16]} differs from the file's {digest[:16]} (the file was replaced; a torn or "
+            "mixed checkpoint is never resumed)"
+        )
+    return meta, load_tensors(path)
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, tuple):
         return [_jsonable(v) for v in x]
@@ -285,6 +370,8 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         if self.accelerator.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.accelerator.device)
+        name = f"state-{self.step:08d}.safetensors"
+        digest = save_tensors(self.state_dir / name, tensors, metadata={"step": str(self.step)})
         meta = {
             "step": self.step,
             "config": self.cfg.to_dict(),
@@ -293,9 +380,13 @@ class Trainer:
             "rng": _rng_state(),
             "history": self.history,
             "desc": self.desc,
+            "num_examples": self.task.num_examples(),
+            "tensors": {"file": name, "sha256": digest},
         }
-        save_tensors(self.state_dir / STATE_WEIGHTS, tensors)
-        atomic_write_json(self.state_dir / STATE_META, meta)
+        atomic_write_json(self.state_dir / STATE_META, meta)  # the commit point: from here on `name` is the state
+        for old in self.state_dir.iterdir():
+            if old.name != name and (old.name == STATE_WEIGHTS or _STEP_WEIGHTS.fullmatch(old.name)):
+                old.unlink()
 
     def has_state(self) -> bool:
         """Whether a resumable state exists in the output folder."""
@@ -303,12 +394,7 @@ class Trainer:
 
     def load_state(self) -> None:
         """Restore everything :meth:`save_state` wrote; refuses a state made with another config."""
-        meta_path = self.state_dir / STATE_META
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{meta_path}: invalid JSON ({err})") from None
-        tensors = load_tensors(self.state_dir / STATE_WEIGHTS)
+        meta, tensors = read_state(self.output_dir)
         saved = dict(meta["config"])
         now = self.cfg.to_dict()
         differ = [k for k in now if k not in ("steps", "save_every", "log_every") and saved.get(k) != now[k]]
@@ -317,6 +403,10 @@ class Trainer:
                 f"cannot resume from {self.state_dir}: training config differs in {differ} "
                 f"(saved {[saved.get(k) for k in differ]}, now {[now[k] for k in differ]})"
             )
+        count = self.task.num_examples()
+        if meta.get("num_examples", count) != count:
+            raise CheckpointError(f"cannot resume from {self.state_dir}: it was trained on {meta['num_examples']} "
+                                  f"examples, the training set now has {count} (another data set?)")
         named = dict(self.module.named_parameters())
         names = self._trainable_names()
         missing = [n for n in names if f"param.{n}" not in tensors]
@@ -360,6 +450,9 @@ class Trainer:
             resumed_from = self.step
             if acc.is_main_process:
                 logger.info("%s: resumed from step %d", self.desc, self.step)
+        elif resume and acc.is_main_process:
+            logger.warning("%s: asked to resume, but there is no training state in %s; starting from step 0",
+                           self.desc, self.state_dir)
         world, rank = acc.num_processes, acc.process_index
         n = self.task.num_examples()
         start = time.time()
@@ -369,47 +462,26 @@ class Trainer:
 
             bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True)
         interrupted = False
-        previous_handler = None
+        # where an interrupt lands: "compute" (nothing changed but RNG draws: rewind them), "update" (weights
+        # half-changed: save nothing) or "between" steps (a consistent state)
+        phase, snapshot = "between", None
+        stop = _StopRequest(self.desc) if self.state_dir is not None else None
         try:
-            while self.step < self.cfg.steps:
-                indices = epoch_indices(n, self.cfg.batch_size, self.step, self.cfg.seed)
-                local = indices[rank::world]
-                batch = self.task.make_batch(local, self.step)
-                self.wrapped.train()
-                with acc.autocast():
-                    outputs = self.wrapped(batch)
-                    outputs = _gather(outputs, world, len(local))
-                    loss, logs = self.task.loss(outputs, batch, self.step)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{self.desc}: loss became {loss.item()} at step {self.step}")
-                # Factor 1, not the world size N: every rank computes the same global loss, so the gather's
-                # backward (a sum over ranks) gives each rank N times the gradient through its own rows, and
-                # DDP's mean over ranks turns that into the 1-process gradient; parameters that reach the loss
-                # outside the gather (a logit scale) get the full gradient on every rank, which the mean keeps.
-                acc.backward(loss)
-                logging_step = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.cfg.steps
-                grad_norm = None
-                if self.cfg.grad_clip:
-                    grad_norm = acc.clip_grad_norm_(self.params, self.cfg.grad_clip)  # returns the pre-clip norm
-                elif logging_step:  # without clipping the norm is only needed for the history
-                    acc.unscale_gradients()
-                    grad_norm = _grad_norm(self.params)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                if logging_step:
-                    record = {"step": self.step, "loss": float(loss.detach()), "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": float(grad_norm)}
-                    record.update({k: float(v) for k, v in logs.items()})
-                    self.history.append(record)
+            with stop or contextlib.nullcontext():
+                while self.step < self.cfg.steps:
+                    snapshot = _rng_snapshot(acc.device)
+                    phase = "compute"
+                    loss, logs, grad_norm = self._compute(n, world, rank)
+                    phase = "update"
+                    self._update(loss, logs, grad_norm, bar)
+                    phase = "between"
+                    self.task.on_step_end(self.step, self.module)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}")
-                self.task.on_step_end(self.step, self.module)
-                if bar is not None:
-                    bar.update(1)
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
-                    self.save_state()
+                        bar.update(1)
+                    if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+                        self.save_state()
+                    if stop is not None and self._stop_requested(stop):
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             interrupted = True
             raise
@@ -417,8 +489,69 @@ class Trainer:
             if bar is not None:
                 bar.close()
             if interrupted and self.state_dir is not None:
-                self.save_state()
-                logger.warning("%s: interrupted at step %d; state saved to %s (resume with --resume)",
-                               self.desc, self.step, self.state_dir)
+                self._save_interrupted(phase, snapshot)
         self.save_state()
         return TrainResult(self.history, time.time() - start, resumed_from)
+
+    def _logging_step(self) -> bool:
+        """Whether the running step's values go to the history."""
+        return (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.cfg.steps
+
+    def _compute(self, n: int, world: int, rank: int) -> Tuple[torch.Tensor, Dict[str, float], Optional[torch.Tensor]]:
+        """Batch, loss and gradients of the running step (weights untouched); the pre-clip gradient norm."""
+        acc = self.accelerator
+        indices = epoch_indices(n, self.cfg.batch_size, self.step, self.cfg.seed)
+        local = indices[rank::world]
+        batch = self.task.make_batch(local, self.step)
+        self.wrapped.train()
+        with acc.autocast():
+            outputs = self.wrapped(batch)
+            outputs = _gather(outputs, world, len(local))
+            loss, logs = self.task.loss(outputs, batch, self.step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.desc}: loss became {loss.item()} at step {self.step}")
+        # Factor 1, not the world size N: every rank computes the same global loss, so the gather's
+        # backward (a sum over ranks) gives each rank N times the gradient through its own rows, and
+        # DDP's mean over ranks turns that into the 1-process gradient; parameters that reach the loss
+        # outside the gather (a logit scale) get the full gradient on every rank, which the mean keeps.
+        acc.backward(loss)
+        grad_norm = None
+        if self.cfg.grad_clip:
+            grad_norm = acc.clip_grad_norm_(self.params, self.cfg.grad_clip)  # returns the pre-clip norm
+        elif self._logging_step():  # without clipping the norm is only needed for the history
+            acc.unscale_gradients()
+            grad_norm = _grad_norm(self.params)
+        return loss, logs, grad_norm
+
+    def _update(self, loss: torch.Tensor, logs: Dict[str, float], grad_norm: Optional[torch.Tensor], bar: Any) -> None:
+        """Apply the step: optimiser, schedule, history; `self.step` moves on last, once all of it is done."""
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._logging_step():
+            record = {"step": self.step + 1, "loss": float(loss.detach()), "lr": self.scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm)}
+            record.update({k: float(v) for k, v in logs.items()})
+            self.history.append(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+        self.step += 1
+
+    def _stop_requested(self, stop: _StopRequest) -> bool:
+        """Whether Ctrl-C asked to stop (on any process: all stop after the same step)."""
+        if self.accelerator.num_processes == 1:
+            return stop.requested
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _save_interrupted(self, phase: str, snapshot: Optional[Tuple[Any, ...]]) -> None:
+        """Save what an interrupt in `phase` left, if it is consistent; say what happened."""
+        if phase == "update":
+            logger.warning("%s: interrupted while the weights of step %d were being updated; nothing saved, the "
+                           "last checkpoint in %s stays the resumable state", self.desc, self.step + 1, self.state_dir)
+            return
+        if phase == "compute" and snapshot is not None:
+            _restore_rng(snapshot, self.accelerator.device)  # the step's draws are made again on resume
+        self.save_state()
+        logger.warning("%s: interrupted at step %d; state saved to %s (resume with --resume)",
+                       self.desc, self.step, self.state_dir)

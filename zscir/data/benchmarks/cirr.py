@@ -31,6 +31,7 @@ from ..schema import (
     PathLike,
     ProblemLog,
     read_json_file,
+    relative_image_path,
 )
 
 __all__ = ["CIRR_SPLITS", "load_cirr", "cirr_split_name"]
@@ -90,8 +91,7 @@ def load_cirr(root: PathLike, split: str = "val") -> CIRSplit:
             name_to_rel = None
         else:
             for name, rel in name_to_rel.items():
-                if not isinstance(rel, str) or not rel.strip() or rel.startswith("/") or ".." in Path(rel).parts:
-                    log.add(f"{split_file}: entry {name!r}: expected a relative path like './dev/x.png', got {rel!r}")
+                if relative_image_path(rel, str(split_file), f"entry {name!r}", log) is None:
                     continue
                 gallery.append(name)
                 relpaths.append(rel)

@@ -42,6 +42,7 @@ from ..schema import (
     PathLike,
     ProblemLog,
     read_json_file,
+    relative_image_path,
 )
 
 __all__ = ["FASHIONIQ_CATEGORIES", "CAPTION_ORDERS", "CAPTION_ORDER_ALIASES", "canonical_caption_order",
@@ -113,9 +114,10 @@ def load_fashioniq(
             else:
                 seen = set()
                 for index, name in enumerate(names):
-                    if not isinstance(name, str) or not name.strip():
-                        log.add(f"{split_file}[{index}]: expected a non-empty image name, got {name!r}")
-                    elif name in seen:
+                    # names become files under <root>/images: the rule of every loader keeps them inside it
+                    if relative_image_path(name, f"{split_file}[{index}]", "image name", log) is None:
+                        continue
+                    if name in seen:
                         log.add(f"{split_file}[{index}]: image {name!r} is listed twice")
                     else:
                         seen.add(name)

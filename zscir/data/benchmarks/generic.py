@@ -16,24 +16,13 @@ carry extra information.
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from ..schema import AnnotationError, CIRQuery, CIRSplit, FileChecker, ImageId, PathLike, ProblemLog
+from ..schema import (AnnotationError, CIRQuery, CIRSplit, FileChecker, ImageId, PathLike, ProblemLog,
+                      relative_image_path)
 
 __all__ = ["load_generic", "write_generic"]
-
-
-def _relative_image_path(value: Any, where: str, field_name: str, log: ProblemLog) -> Optional[str]:
-    """Normalise a relative image path; record a problem if it is not a safe relative path."""
-    if not isinstance(value, str) or not value.strip():
-        log.add(f"{where}: field {field_name!r} must be a non-empty relative path string, got {value!r}")
-        return None
-    posix = PurePosixPath(value.strip().replace("\\", "/"))
-    if posix.is_absolute() or ".." in posix.parts:
-        log.add(f"{where}: field {field_name!r} must be a path inside the folder, got {value!r}")
-        return None
-    return posix.as_posix()
 
 
 def _find_generic_file(root: Path, split: str) -> Path:
@@ -89,7 +78,7 @@ def load_generic(root: PathLike, split: str = "val", exclude_reference: bool = T
                 log.add(f"{where}: duplicate id {query_id!r} (first used on line {first_line_of[query_id]})")
                 continue
             first_line_of[query_id] = line_no
-            reference = _relative_image_path(row["reference"], where, "reference", log)
+            reference = relative_image_path(row["reference"], where, "reference", log)
             text = row["modification"]
             if not isinstance(text, str) or not text.strip():
                 log.add(f"{where}: field 'modification' must be a non-empty string, got {text!r}")
@@ -101,7 +90,7 @@ def load_generic(root: PathLike, split: str = "val", exclude_reference: bool = T
                 ok = False
             else:
                 for t in targets_raw:
-                    norm = _relative_image_path(t, where, "targets", log)
+                    norm = relative_image_path(t, where, "targets", log)
                     if norm is None:
                         ok = False
                     elif norm not in targets:  # a target listed twice is still one ground truth
@@ -123,7 +112,7 @@ def load_generic(root: PathLike, split: str = "val", exclude_reference: bool = T
             if not entry or entry.startswith("#"):
                 continue
             where = f"{gallery_file}:{line_no}"
-            norm = _relative_image_path(entry, where, "path", log)
+            norm = relative_image_path(entry, where, "path", log)
             if norm is None:
                 continue
             if norm in first_gallery_line:
