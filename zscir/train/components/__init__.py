@@ -9,7 +9,10 @@ corpus, composer, query encoder, cached frozen text features), never the task.
 Built-in (:mod:`.negatives`)
     ``reference``        the reference image as a negative
     ``query_negative``   the same reference with another modification as a negative query (on by default)
+    ``explicit``         the hard negatives the triplet data carries (``negatives``)
     ``mined``            top-ranked non-target corpus images, re-mined during training
+Text (:mod:`.augment`)
+    ``text_augment``     word dropout and clause reordering of the modification text
 MELT (Modification frEquentation-rarity baLance neTwork, ICASSP 2026; :mod:`.melt`)
     ``melt_rarity``, ``inverse_frequency``, ``melt_denoise``
 SPN (Feng et al., "Scaling Positives and Negatives", ACM MM 2024; :mod:`.spn`)
@@ -26,6 +29,7 @@ the training state but are not part of the saved Composer.
 
 Importing this package registers every built-in component, whatever was imported before.
 """
+from .augment import TextAugment, TextAugmentOptions, augment_text
 from .base import STAGE2_COMPONENTS, ComponentContext, Stage2Component, check_option, parse_options
 from .dqe import (AttributeOptions, AttributeQueries, AttributeQueryHead, MidZoneNegatives, MidZoneOptions,
                   PairwiseObjective, PairwiseOptions, attribute_weights_by_kind, mid_zone_table)
@@ -33,14 +37,15 @@ from .melt import (InverseFrequency, InverseFrequencyOptions, MeltDenoise, MeltD
                    MeltRarityOptions, RunningMoments, ScoreDenoiser, TextGuidedPooling, content_words, cosine_alpha_bar,
                    frequency_keys, inverse_frequency_weights, mahalanobis_energy, masked_standardise, rarity_weights,
                    score_vectors)
-from .negatives import MinedNegatives, QueryNegative, ReferenceNegative
+from .negatives import ExplicitNegatives, MinedNegatives, QueryNegative, ReferenceNegative
 from .spn import BankNegatives, BankOptions
 
 __all__ = [
     "STAGE2_COMPONENTS", "AttributeOptions", "AttributeQueries", "AttributeQueryHead", "BankNegatives", "BankOptions",
-    "ComponentContext", "InverseFrequency", "InverseFrequencyOptions", "MeltDenoise", "MeltDenoiseOptions", "MeltRarity",
+    "ComponentContext", "ExplicitNegatives", "InverseFrequency", "InverseFrequencyOptions", "MeltDenoise", "MeltDenoiseOptions", "MeltRarity",
     "MeltRarityOptions", "MidZoneNegatives", "MidZoneOptions", "MinedNegatives", "PairwiseObjective", "PairwiseOptions",
-    "QueryNegative", "ReferenceNegative", "RunningMoments", "ScoreDenoiser", "Stage2Component", "TextGuidedPooling",
+    "QueryNegative", "ReferenceNegative", "RunningMoments", "ScoreDenoiser", "Stage2Component", "TextAugment",
+    "TextAugmentOptions", "TextGuidedPooling", "augment_text",
     "attribute_weights_by_kind", "check_option", "content_words", "cosine_alpha_bar", "frequency_keys",
     "inverse_frequency_weights", "mahalanobis_energy", "masked_standardise", "mid_zone_table", "parse_options",
     "rarity_weights", "score_vectors",
