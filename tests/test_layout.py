@@ -17,7 +17,7 @@ LAYERS = [
     {"zscir.models", "zscir.data", "zscir.shapes", "zscir.search"},
     {"zscir.composer"},
     {"zscir.train", "zscir.eval"},
-    {"zscir.demo"},
+    {"zscir.demo", "zscir.serve"},
     {"zscir.cli", "zscir.__main__"},
 ]
 

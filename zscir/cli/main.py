@@ -36,6 +36,7 @@ SUBCOMMANDS = {
     "search": Subcommand("zscir.cli.index", "search a gallery index with a reference image and a modification text",
                          "search_add_arguments", "search_run"),
     "eval": Subcommand("zscir.cli.eval", "zero-shot evaluation on FashionIQ, CIRR, CIRCO or a generic CIR set"),
+    "serve": Subcommand("zscir.cli.serve", "serve a gallery: HTTP API and a search page (needs zscir[serve])"),
 }
 
 
