@@ -298,6 +298,8 @@ def stage2_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-rank", type=int, default=None)
     parser.add_argument("--components", default=None, help="comma-separated Stage-II components, e.g. reference,query_negative")
     parser.add_argument("--corpus", default=None, help="image folder whose features serve as mined/bank negatives")
+    parser.add_argument("--train-phi", action=argparse.BooleanOptionalAction, default=None,
+                        help="train phi with the adapters (default: the config's, on)")
     add_train_arguments(parser)
 
 
@@ -315,6 +317,8 @@ def stage2_config_from_args(args: argparse.Namespace) -> Stage2Config:
     cfg = dataclasses.replace(cfg, train=train, adapters=ad)
     if args.components is not None:
         cfg = dataclasses.replace(cfg, components=tuple(c for c in args.components.split(",") if c))
+    if args.train_phi is not None:
+        cfg = dataclasses.replace(cfg, train_phi=args.train_phi)
     return cfg
 
 

@@ -13,6 +13,7 @@ Built-in (:mod:`.negatives`)
     ``mined``            top-ranked non-target corpus images, re-mined during training
 Text (:mod:`.augment`)
     ``text_augment``     word dropout and clause reordering of the modification text
+    ``text_preserve``    the adapted encoder keeps frozen CLIP's embedding of plain modification texts (:mod:`.preserve`)
 MELT (Modification frEquentation-rarity baLance neTwork, ICASSP 2026; :mod:`.melt`)
     ``melt_rarity``, ``inverse_frequency``, ``melt_denoise``
 SPN (Feng et al., "Scaling Positives and Negatives", ACM MM 2024; :mod:`.spn`)
@@ -37,6 +38,7 @@ from .melt import (InverseFrequency, InverseFrequencyOptions, MeltDenoise, MeltD
                    MeltRarityOptions, RunningMoments, ScoreDenoiser, TextGuidedPooling, content_words, cosine_alpha_bar,
                    frequency_keys, inverse_frequency_weights, mahalanobis_energy, masked_standardise, rarity_weights,
                    score_vectors)
+from .preserve import TextPreserve, TextPreserveOptions
 from .negatives import ExplicitNegatives, MinedNegatives, QueryNegative, ReferenceNegative
 from .spn import BankNegatives, BankOptions
 
@@ -45,7 +47,7 @@ __all__ = [
     "ComponentContext", "ExplicitNegatives", "InverseFrequency", "InverseFrequencyOptions", "MeltDenoise", "MeltDenoiseOptions", "MeltRarity",
     "MeltRarityOptions", "MidZoneNegatives", "MidZoneOptions", "MinedNegatives", "PairwiseObjective", "PairwiseOptions",
     "QueryNegative", "ReferenceNegative", "RunningMoments", "ScoreDenoiser", "Stage2Component", "TextAugment",
-    "TextAugmentOptions", "TextGuidedPooling", "augment_text",
+    "TextAugmentOptions", "TextGuidedPooling", "TextPreserve", "TextPreserveOptions", "augment_text",
     "attribute_weights_by_kind", "check_option", "content_words", "cosine_alpha_bar", "frequency_keys",
     "inverse_frequency_weights", "mahalanobis_energy", "masked_standardise", "mid_zone_table", "parse_options",
     "rarity_weights", "score_vectors",

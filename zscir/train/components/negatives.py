@@ -1,24 +1,42 @@
 """The built-in Stage-II negatives: the triplets' own, the reference image, query-side negatives, mined corpus images."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
+from ...config import Config
 from ...losses import clamped_scale, duplicate_mask, target_to_query_info_nce
-from .base import STAGE2_COMPONENTS, ComponentContext, Stage2Component
+from .base import STAGE2_COMPONENTS, ComponentContext, Stage2Component, check_option, parse_options
 
-__all__ = ["ExplicitNegatives", "MinedNegatives", "QueryNegative", "ReferenceNegative"]
+__all__ = ["ExplicitNegatives", "ExplicitOptions", "MinedNegatives", "QueryNegative", "ReferenceNegative"]
+
+
+@dataclasses.dataclass
+class ExplicitOptions(Config):
+    """Options of ``explicit``."""
+
+    in_denominator: bool = True  # False: a separate CE over [target, the row's negatives] weighted by `weight`
+    weight: float = 1.0
 
 
 @STAGE2_COMPONENTS.register("explicit")
 class ExplicitNegatives(Stage2Component):
-    """The hard negatives the triplet data carries (``TripletFeatures.negatives``), masked where invalid."""
+    """The hard negatives the triplet data carries (``TripletFeatures.negatives``), masked where invalid.
+
+    By default they join the denominator of the main InfoNCE. With ``in_denominator: false`` they form a
+    separate term instead, ``weight * mean_i CE([s(q_i, t_i), s(q_i, n_i1), ..., s(q_i, n_iK)])``, so their
+    pull can be weighed against the in-batch negatives.
+    """
 
     name = "explicit"
 
     def __init__(self, ctx: ComponentContext, options: Dict[str, Any]) -> None:
         super().__init__(ctx, options)
+        self.opts = o = parse_options(ExplicitOptions, self.name, options)
+        check_option(o.weight >= 0, self.name, f"weight must be >= 0, got {o.weight}")
         if ctx.triplets.negatives is None:
             raise ValueError("the 'explicit' component needs triplets that carry negatives "
                              "(a 'negatives' field in the triplet file; zscir make-triplets --negatives K)")
@@ -37,8 +55,25 @@ class ExplicitNegatives(Stage2Component):
 
     def extra_negatives(self, out: Dict[str, torch.Tensor],
                         batch: Dict[str, Any]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """[B, K, D] explicit negatives and their drop-mask."""
+        """[B, K, D] explicit negatives and their drop-mask (when they join the main denominator)."""
+        if not self.opts.in_denominator:
+            return None
         return out["explicit"], out["explicit_invalid"] > 0
+
+    def loss(self, out: Dict[str, torch.Tensor], batch: Dict[str, Any], step: int,
+             main_logits: torch.Tensor) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+        """The separate term (only when ``in_denominator`` is off)."""
+        if self.opts.in_denominator:
+            return None, {}
+        scale = clamped_scale(out["log_scale"])
+        q = out["query"]
+        pos = (q * out["target"]).sum(-1, keepdim=True)
+        neg = torch.einsum("bd,bkd->bk", q, out["explicit"])
+        # mask after scaling: a -inf before it would make the scale's gradient 0 * inf = nan
+        invalid = torch.cat([torch.zeros_like(pos, dtype=torch.bool), out["explicit_invalid"] > 0], dim=1)
+        logits = (scale * torch.cat([pos, neg], dim=1)).masked_fill(invalid, float("-inf"))
+        ce = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+        return self.opts.weight * ce, {"explicit": float(ce.detach())}
 
 
 @STAGE2_COMPONENTS.register("reference")

@@ -1,4 +1,4 @@
-"""Issue 12 pieces that need no trained model: validation vs test split, oracle rows, sibling negatives, the explicit component."""
+"""Issue 12 pieces that need no trained model: splits, oracle rows, sibling and explicit negatives, text augment and preserve."""
 import dataclasses
 
 import pytest
@@ -147,3 +147,34 @@ def test_text_augment_component_changes_only_the_batch_texts():
     assert trip.modifications == [e.text for e in edits]
     with pytest.raises(ConfigError, match="word_dropout"):
         _task(edits, ("text_augment",), {"text_augment": {"word_dropout": 2.0}})
+
+
+def test_text_preserve_is_zero_for_fresh_adapters_and_grows_when_they_move():
+    world = ShapesWorld(ShapesWorldConfig(seed=0))
+    task, trip = _task(world.make_triplets(8), ("text_preserve",), {"text_preserve": {"fraction": 1.0}})
+    batch = task.make_batch(torch.arange(8), 0)
+    _, logs = task.loss(task.module(batch), batch, 0)
+    assert abs(logs["text_preserve"]) < 1e-5
+    with torch.no_grad():
+        for name, p in task.module.named_parameters():
+            if p.requires_grad and "lora" in name.lower():
+                p.add_(0.5 * torch.randn_like(p))
+    batch = task.make_batch(torch.arange(8), 1)
+    out = task.module(batch)
+    _, logs = task.loss(out, batch, 1)
+    assert logs["text_preserve"] > 1e-3
+    term, _ = task.components[0].loss(out, batch, 1, None)
+    term.backward()  # the term alone reaches the adapters
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in task.module.named_parameters() if "lora" in n.lower())
+
+
+def test_explicit_separate_term_has_finite_gradients_with_padded_negatives():
+    world = ShapesWorld(ShapesWorldConfig(seed=0))
+    task, trip = _task(world.make_triplets(8, negatives=3), ("explicit",),
+                       {"explicit": {"in_denominator": False, "weight": 0.25}})
+    trip.negative_valid[0, 1:] = False
+    batch = task.make_batch(torch.arange(8), 0)
+    loss, logs = task.loss(task.module(batch), batch, 0)
+    loss.backward()
+    assert logs["explicit"] > 0
+    assert all(torch.isfinite(p.grad).all() for p in task.module.parameters() if p.grad is not None)
