@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from _timing import seconds_per_call
 from zscir.checkpoint import atomic_write_json
@@ -29,7 +30,7 @@ from zscir.eval.shapes_eval import ShapesBenchmark, composer_encoder, image_only
 from zscir.shapes import ShapesWorld, ShapesWorldConfig
 from zscir.train.clip_pretrain import pretrained_tiny_clip
 from zscir.train.engine import TrainConfig
-from zscir.train.features import TripletFeatures, shapes_features, shapes_triplet_features
+from zscir.train.features import Corpus, TripletFeatures, shapes_features, shapes_triplet_features
 from zscir.train.stage1 import Stage1Config, train_stage1
 from zscir.train.stage2 import Stage2Config, Stage2Task, prepare_stage2, train_stage2
 
@@ -38,33 +39,61 @@ DEMO = PRESETS["default"]
 
 @dataclasses.dataclass
 class Row:
-    """One Stage-II setting: triplet data and overrides of Stage2Config (dotted keys reach nested configs)."""
+    """One Stage-II setting: triplet data, Stage-I tokens, corpus and overrides of Stage2Config (dotted keys)."""
 
     triplets: int = DEMO.num_triplets
     negatives: int = DEMO.triplet_negatives  # sibling negatives per triplet (+ the reference)
     reference_negative: bool = True  # keep the reference among the explicit negatives
     noise: float = 0.0  # share of training texts replaced by another triplet's text
+    stage1_tokens: int = DEMO.num_tokens  # global tokens of the Stage-I model (+ 2 VSI tokens)
+    corpus: int = 0  # scenes whose features form the mined/bank corpus
     overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+# The defaults before this table: LoRA rank 16, phi frozen, query-side negative only, 300 steps.
+BEFORE = {"adapters.rank": 16, "adapters.alpha": 16.0, "train_phi": False, "components": ("query_negative",),
+          "train.steps": 300, "train.warmup_steps": 30}
+EXPLICIT = ("query_negative", "explicit")
+CHOSEN_10K = {**BEFORE, "adapters.rank": 64, "adapters.alpha": 64.0, "train_phi": True,
+              "components": ("query_negative", "text_augment")}
+
+
+def _before(**changes: Any) -> Dict[str, Any]:
+    return {**BEFORE, **changes}
+
+
 ROWS: Dict[str, Row] = {
-    "default": Row(),
-    "2k triplets": Row(triplets=2_000),
-    "10k triplets": Row(triplets=10_000),
-    "explicit negatives (siblings + reference)": Row(negatives=3, overrides={"components": ("explicit", "query_negative")}),
-    "explicit negatives (siblings only)": Row(negatives=3, reference_negative=False,
-                                              overrides={"components": ("explicit", "query_negative")}),
-    "explicit negatives only": Row(negatives=3, overrides={"components": ("explicit",)}),
-    "no hard negatives": Row(overrides={"components": ()}),
-    "query negative on every row": Row(overrides={"query_negative_fraction": 1.0}),
-    "logit scale 50": Row(overrides={"init_scale": 50.0}),
-    "train phi too": Row(overrides={"train_phi": True}),
-    "LoRA rank 64": Row(overrides={"adapters.rank": 64, "adapters.alpha": 64.0}),
-    "bottleneck rank 64": Row(overrides={"adapters.kind": "bottleneck", "adapters.rank": 64}),
-    "lr 1e-2": Row(overrides={"train.lr": 1e-2}),
-    "image residual": Row(overrides={"image_residual": True}),
-    "3x steps": Row(overrides={"train.steps": 900, "train.warmup_steps": 90}),
-    "30% noisy texts": Row(noise=0.3),
+    "default (20k triplets, 600 steps)": Row(),
+    "before: 2k triplets": Row(triplets=2_000, overrides=BEFORE),
+    "2k + explicit negatives (siblings + reference)": Row(triplets=2_000, negatives=3, overrides=_before(components=EXPLICIT)),
+    "2k + explicit negatives (siblings only)": Row(triplets=2_000, negatives=3, reference_negative=False,
+                                                  overrides=_before(components=EXPLICIT)),
+    "2k + explicit negatives, no query negative": Row(triplets=2_000, negatives=3, overrides=_before(components=("explicit",))),
+    "before: 10k triplets": Row(triplets=10_000, overrides=BEFORE),
+    "10k + logit scale 50": Row(triplets=10_000, overrides=_before(init_scale=50.0)),
+    "10k + phi trained": Row(triplets=10_000, overrides=_before(train_phi=True)),
+    "10k + LoRA rank 64": Row(triplets=10_000, overrides=_before(**{"adapters.rank": 64, "adapters.alpha": 64.0})),
+    "10k + explicit negatives (siblings only)": Row(triplets=10_000, negatives=3, reference_negative=False,
+                                                   overrides=_before(components=EXPLICIT)),
+    "10k + explicit negatives as a separate term (w 0.25)": Row(
+        triplets=10_000, negatives=3, overrides=_before(components=EXPLICIT, component_options={
+            "explicit": {"in_denominator": False, "weight": 0.25}})),
+    "10k + mined corpus negatives": Row(triplets=10_000, corpus=10_000,
+                                        overrides=_before(components=("query_negative", "mined"))),
+    "10k + 3x steps": Row(triplets=10_000, overrides=_before(**{"train.steps": 900, "train.warmup_steps": 90})),
+    "10k + lr 1e-2": Row(triplets=10_000, overrides=_before(**{"train.lr": 1e-2})),
+    "10k + batch 256": Row(triplets=10_000, overrides=_before(**{"train.batch_size": 256})),
+    "10k + image residual": Row(triplets=10_000, overrides=_before(image_residual=True)),
+    "10k + text augment": Row(triplets=10_000, overrides=_before(components=("query_negative", "text_augment"))),
+    "10k + text augment (word dropout 0.3)": Row(triplets=10_000, overrides=_before(
+        components=("query_negative", "text_augment"), component_options={"text_augment": {"word_dropout": 0.3}})),
+    "10k + text augment + text preserve": Row(triplets=10_000, overrides=_before(
+        components=("query_negative", "text_augment", "text_preserve"))),
+    "10k, Stage I with 1 token (+2 VSI)": Row(triplets=10_000, stage1_tokens=1, overrides=BEFORE),
+    "10k, Stage I with 2 tokens (+2 VSI)": Row(triplets=10_000, stage1_tokens=2, overrides=BEFORE),
+    "10k + rank 64 + phi + text augment": Row(triplets=10_000, overrides=CHOSEN_10K),
+    "10k + rank 64 + phi + text augment, Stage I 8 tokens": Row(triplets=10_000, stage1_tokens=8, overrides=CHOSEN_10K),
+    "30% noisy texts (default settings)": Row(noise=0.3),
 }
 
 
@@ -91,11 +120,11 @@ def corrupt(edits: List[Any], fraction: float, seed: int = 0) -> List[Any]:
     return edits
 
 
-def stage1_model(clip_dir: Path, world: ShapesWorld, folder: Path) -> Path:
-    """The demo's zscir Stage-I model for seed 0 (trained once, then reused from `folder`)."""
+def stage1_model(clip_dir: Path, world: ShapesWorld, folder: Path, tokens: int = DEMO.num_tokens) -> Path:
+    """The demo's zscir Stage-I model for seed 0 with `tokens` global tokens (trained once, then reused from `folder`)."""
     if (folder / "config.json").is_file():
         return folder
-    phi, loss, concept_weight = stage1_variants(DEMO)["zscir Stage I"]
+    phi, loss, concept_weight = stage1_variants(dataclasses.replace(DEMO, num_tokens=tokens))["zscir Stage I"]
     torch.manual_seed(DEMO.seed)
     comp = Composer.from_clip(str(clip_dir), phi=phi)
     feats = shapes_features(comp, world.scenes(DEMO.stage1_images, stream="stage1"), 64)
@@ -150,13 +179,13 @@ def summary(result: Dict[str, Any]) -> Dict[str, float]:
 def main() -> None:
     """Run the missing rows, print the validation table and write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="default", help=f"comma-separated rows out of: {', '.join(ROWS)}; or 'all'")
+    ap.add_argument("--rows", default=next(iter(ROWS)), help=f"semicolon-separated rows out of: {'; '.join(ROWS)}; or 'all', or 'none'")
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--step-cost", action="store_true", help="also time a default Stage-II step")
     ap.add_argument("--out", type=Path, default=Path(".bench/stage2"))
     args = ap.parse_args()
-    names = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
+    names = {"all": list(ROWS), "none": []}.get(args.rows) or [r.strip() for r in args.rows.split(";") if r.strip()]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         raise SystemExit(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
@@ -166,6 +195,7 @@ def main() -> None:
     eval_world = ShapesWorld(ShapesWorldConfig(seed=DEMO.eval_seed))
     s1_dir = stage1_model(clip_dir, world, args.out / "stage1")
     s1 = Composer.from_pretrained(s1_dir)
+    corpora: Dict[int, Corpus] = {}
     bb = s1.backbone
     bench = ShapesBenchmark(bb, eval_world, n_queries=args.queries, split=args.split)
     bench_train_phrasing = ShapesBenchmark(bb, eval_world, n_queries=args.queries // 2, split=args.split, family="train")
@@ -181,12 +211,17 @@ def main() -> None:
         row = ROWS[name]
         if name in done and done[name]["row"] == json.loads(json.dumps(dataclasses.asdict(row))):
             continue
-        comp = Composer.from_pretrained(s1_dir)
+        row_s1 = s1_dir if row.stage1_tokens == DEMO.num_tokens else stage1_model(
+            clip_dir, world, args.out / f"stage1_{row.stage1_tokens}tok", row.stage1_tokens)
+        comp = Composer.from_pretrained(row_s1)
         cfg = with_overrides(Stage2Config(), row.overrides)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=DEMO.seed))
         trip = triplet_features(comp, world, row)
+        if row.corpus and row.corpus not in corpora:
+            feats = shapes_features(comp, world.scenes(row.corpus, stream="stage1"), 64)
+            corpora[row.corpus] = Corpus(F.normalize(torch.as_tensor(feats.pooled), dim=-1), [str(i) for i in range(row.corpus)])
         start = time.time()
-        comp, result = train_stage2(comp, trip, cfg, progress=False)
+        comp, result = train_stage2(comp, trip, cfg, corpus=corpora.get(row.corpus), progress=False)
         seconds = time.time() - start
         record = {"name": name, "row": dataclasses.asdict(row), "train_seconds": seconds,
                   "final_log": result.history[-1] if result.history else None,
@@ -201,15 +236,15 @@ def main() -> None:
         cfg = Stage2Config()
         prepare_stage2(comp, cfg.adapters)
         cost = step_cost(comp, triplet_features(comp, world, dataclasses.replace(ROWS["default"], triplets=512)), cfg)
-    head = f"{'method (' + args.split + ' split)':<44}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@50':>7}{'mR@10':>7}{'train-phr R@10':>16}{'s':>6}"
+    head = f"{'method (' + args.split + ' split)':<56}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@50':>7}{'mR@10':>7}{'train-phr R@10':>16}{'s':>6}"
     print("\n" + head + "\n" + "-" * len(head))
     for name, res in baselines.items():
         s = summary(res)
-        print(f"{name:<44}" + "".join(f"{v:>7.1f}" for v in s.values()))
+        print(f"{name:<56}" + "".join(f"{v:>7.1f}" for v in s.values()))
     for name in [n for n in ROWS if n in done]:
         r = done[name]
         s = summary(r["composed"])
-        print(f"{name:<44}" + "".join(f"{v:>7.1f}" for v in s.values())
+        print(f"{name:<56}" + "".join(f"{v:>7.1f}" for v in s.values())
               + f"{r['training_phrasing_R@10']:>16.1f}{r['train_seconds']:>6.0f}")
     if cost:
         print(f"\nstage-II step {cost['stage2_step'] * 1e3:.1f} ms vs adapted text encoder fwd+bwd "

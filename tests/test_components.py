@@ -50,8 +50,8 @@ def test_every_built_in_registers_whatever_module_is_imported_first():
     import subprocess
     import sys
 
-    names = ["bank", "dqe_attributes", "dqe_mid_zone", "dqe_pairwise", "inverse_frequency", "melt_denoise",
-             "melt_rarity", "mined", "query_negative", "reference"]
+    names = ["bank", "dqe_attributes", "dqe_mid_zone", "dqe_pairwise", "explicit", "inverse_frequency", "melt_denoise",
+             "melt_rarity", "mined", "query_negative", "reference", "text_augment", "text_preserve"]
     for first in ("zscir.train.components.negatives", "zscir.train.components.dqe", "zscir.train.stage2",
                   "zscir.train.bank"):
         code = f"import {first}; from zscir.train.components import STAGE2_COMPONENTS as R; print(','.join(R.names()))"

@@ -33,13 +33,15 @@ def test_stage2_learns_to_compose_on_held_out_phrasing(stage1_model, world, smal
     from zscir.eval.shapes_eval import composer_encoder, image_plus_text
 
     before = small_bench.evaluate(composer_encoder(Composer.from_pretrained(stage1_model[0])))
-    edits = world.make_triplets(800, family="train", stream="triplets-test")
+    # 3,000 triplets: with 800 the gain over the sum was 3 points on one CPU, too thin to survive another
+    # CPU's rounding (issue 16); here it is about 12 over the sum and 18 over Stage I (default and AVX2 kernels)
+    edits = world.make_triplets(3000, family="train", stream="triplets-test")
     comp, result = _train(stage1_model, world, edits, steps=250)
     after = small_bench.evaluate(composer_encoder(comp))
     summed = small_bench.evaluate(image_plus_text(comp.backbone))
     losses = [h["loss"] for h in result.history]
-    assert after["R@10"] > before["R@10"] + 5, (before["R@10"], after["R@10"])
-    assert after["R@10"] > summed["R@10"], (summed["R@10"], after["R@10"])
+    assert after["R@10"] > before["R@10"] + 10, (before["R@10"], after["R@10"])
+    assert after["R@10"] > summed["R@10"] + 5, (summed["R@10"], after["R@10"])
     assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:2])
     assert after["per_kind_R@10"]["remove"] > before["per_kind_R@10"]["remove"]
 

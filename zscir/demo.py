@@ -116,6 +116,11 @@ def disk_error(err: OSError, path: Path) -> OSError:
     return err
 
 
+def _has_state(run: Path) -> bool:
+    """Whether an interrupted training left a checkpoint in `run` (the demo then continues it)."""
+    return (run / "state" / "state.json").is_file()
+
+
 def _stage(name: str) -> None:
     print(f"\n== {name}", flush=True)
 
@@ -171,7 +176,8 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
                           train=TrainConfig(steps=cfg.stage1_steps, batch_size=128, lr=5e-4, warmup_steps=20,
                                             seed=cfg.seed, save_every=100, log_every=10))
         comp, result = train_stage1(comp, features, s1, output_dir=folder / f"stage1_{slug}",
-                                    concepts=world.concept_phrases(), resume=True, progress=progress)
+                                    concepts=world.concept_phrases(), resume=_has_state(folder / f"stage1_{slug}"),
+                                    progress=progress)
         atomic_write_json(folder / f"stage1_{slug}" / "history.json", result.history)
         stage1[name] = comp
         curves[name] = result.history
@@ -192,7 +198,8 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
         s2 = dataclasses.replace(s2, train=dataclasses.replace(s2.train, steps=cfg.stage2_steps, seed=cfg.seed,
                                                                warmup_steps=max(1, cfg.stage2_steps // 10),
                                                                save_every=100, log_every=10))
-        stage2, result = train_stage2(comp, trip, s2, output_dir=folder / "stage2", resume=True, progress=progress)
+        stage2, result = train_stage2(comp, trip, s2, output_dir=folder / "stage2",
+                                       resume=_has_state(folder / "stage2"), progress=progress)
         atomic_write_json(folder / "stage2" / "history.json", result.history)
         stage2.save_pretrained(final_dir)
         curves["zscir Stage II"] = result.history
