@@ -32,3 +32,25 @@ def put_in_hub_cache(cache: Path, repo_id: str, files: Mapping[str, Content], re
         else:
             target.write_bytes(content)
     return commit
+
+
+def offline_hf_home(home: Path, monkeypatch) -> Path:
+    """Point huggingface_hub and datasets at an empty HF_HOME in offline mode; return its hub cache folder.
+
+    Both libraries read HF_HOME / HF_HUB_OFFLINE once, at import: the running process is pointed at the same
+    place as the environment (which subprocesses read).
+    """
+    import datasets.config
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
+    return home / "hub"

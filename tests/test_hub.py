@@ -8,7 +8,7 @@ import torch
 import yaml
 from PIL import Image
 
-from hub_cache import put_in_hub_cache
+from hub_cache import offline_hf_home, put_in_hub_cache
 from zscir import cli
 from zscir.composer import Composer
 from zscir.hub import HubError, read_card_info
@@ -19,17 +19,7 @@ MODEL_FILES = ("config.json", "model.safetensors", "README.md")
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """An empty HF cache under tmp (HF_HOME) in offline mode; returns the hub cache folder."""
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    # huggingface_hub reads these once, at import: point the running process at the same place
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return home / "hub"
+    return offline_hf_home(tmp_path / "hf", monkeypatch)
 
 
 def _micro(seed=0):

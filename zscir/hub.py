@@ -98,7 +98,7 @@ def resolve_model_folder(name: PathLike, revision: Optional[str] = None, token: 
         return path
     if path.exists():
         raise FileNotFoundError(f"{what} {text}: a file, not a model folder (config.json + model.safetensors)")
-    if not is_repo_id(text):
+    if not is_repo_id(text) or "/" not in text:  # a bare word is more likely a mistyped folder than a repo
         raise FileNotFoundError(f"{what} folder not found: {text}")
     from huggingface_hub import errors, snapshot_download
 
