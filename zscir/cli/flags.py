@@ -5,6 +5,7 @@ Light on purpose (argparse only): ``zscir --help`` imports this module and nothi
 from __future__ import annotations
 
 import argparse
+import copy
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["HelpFormatter", "OLD_SPELLINGS", "add_old_spelling", "old_spellings_used"]
@@ -14,16 +15,27 @@ OLD_SPELLINGS = "_old_spellings"
 Container = Union[argparse.ArgumentParser, "argparse._ActionsContainer"]
 
 
+def _shows_default(action: argparse.Action) -> bool:
+    """Whether a flag has a default worth showing (not None, False, empty or suppressed; not a positional)."""
+    default = action.default
+    return bool(action.option_strings) and action.nargs != 0 and default not in (None, False, argparse.SUPPRESS) \
+        and default != [] and default != ""
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default unless it is empty (None, False) or the help already names it."""
+    """Shows each flag's default (flags without a help text too) unless it is empty or the help already names it."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and _shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        default = action.default
-        if (default in (None, False, argparse.SUPPRESS) or default == [] or "%(default)" in text
-                or "default" in text.lower() or action.option_strings == [] and action.nargs in ("?", "*")):
+        if not _shows_default(action) or "%(default)" in text or "default" in text.lower():
             return text
-        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+        return f"{text} (default: %(default)s)"
 
 
 class _OldSpelling(argparse.Action):
