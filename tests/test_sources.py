@@ -195,3 +195,13 @@ def test_train_stage1_and_index_read_a_dataset_image_column(tmp_path, monkeypatc
     from zscir.search import EmbeddingIndex
 
     assert EmbeddingIndex.open(tmp_path / "idx").ids == [f"p{i}" for i in range(12)]
+
+
+def test_an_unreadable_data_file_is_one_error_naming_it(tmp_path, capsys):
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataSourceError, match=r"broken.parquet: could not be read as a data set"):
+        load_triplets(tmp_path / "broken.parquet")
+    assert cli.main(["make-triplets", "--captions", str(tmp_path / "broken.parquet"), "--out", str(tmp_path / "o"),
+                     "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not be read as a data set" in err[0] and "Traceback" not in err[0]

@@ -99,7 +99,7 @@ def resolve_model_folder(name: PathLike, revision: Optional[str] = None, token: 
     if path.exists():
         raise FileNotFoundError(f"{what} {text}: a file, not a model folder (config.json + model.safetensors)")
     if not is_repo_id(text) or "/" not in text:  # a bare word is more likely a mistyped folder than a repo
-        raise FileNotFoundError(f"{what} folder not found: {text}")
+        raise FileNotFoundError(f"{what} {text}: not a model folder (no such folder; a Hub repo id reads user/name)")
     from huggingface_hub import errors, snapshot_download
 
     from . import __version__

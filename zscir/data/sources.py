@@ -176,7 +176,18 @@ def _load_hub(repo_id: str, split: Optional[str], revision: Optional[str]) -> An
         fix = "or unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "or check the connection"
         raise DataSourceError(f"data set {repo_id!r} is not in the Hugging Face cache and {why}; download it once "
                               f"online (huggingface-cli download --repo-type dataset {repo_id}), {fix}") from None
-    return datasets.load_dataset(folder)
+    return _read(f"{repo_id} (cached at {folder})", datasets.load_dataset, folder)
+
+
+def _read(label: str, load: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a ``datasets`` loader; what it raises for an unreadable source becomes one DataSourceError naming it."""
+    try:
+        return load(*args, **kwargs)
+    except (DataSourceError, FileNotFoundError):
+        raise
+    except Exception as err:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ...) for bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DataSourceError(f"{label}: could not be read as a data set ({type(err).__name__}: {first})") from None
 
 
 def load_dataset_source(source: Any, split: Optional[str] = None, revision: Optional[str] = None,
@@ -191,12 +202,9 @@ def load_dataset_source(source: Any, split: Optional[str] = None, revision: Opti
     path = Path(text)
     if path.is_dir():
         if any((path / marker).is_file() for marker in _SAVED_MARKERS):
-            try:
-                obj = datasets.load_from_disk(text)
-            except (FileNotFoundError, ValueError) as err:
-                raise DataSourceError(f"{text}: not a readable save_to_disk folder ({err})") from None
+            obj = _read(f"{text} (a save_to_disk folder)", datasets.load_from_disk, text)
         elif is_dataset_folder(path):
-            obj = datasets.load_dataset(text)
+            obj = _read(text, datasets.load_dataset, text)
         else:
             raise DataSourceError(f"{text}: a folder without a data set (no save_to_disk files, no .parquet or "
                                   ".arrow files)")
@@ -204,7 +212,7 @@ def load_dataset_source(source: Any, split: Optional[str] = None, revision: Opti
         builder = DATA_FILE_SUFFIXES.get(path.suffix.lower())
         if builder is None:
             raise DataSourceError(f"{text}: not a data set file (expected {', '.join(DATA_FILE_SUFFIXES)})")
-        obj = datasets.load_dataset(builder, data_files=text)
+        obj = _read(text, datasets.load_dataset, builder, data_files=text)
     elif _looks_like_hub_id(text):
         obj = _load_hub(text, split, revision)
     else:
