@@ -147,6 +147,7 @@ def test_eval_generic_reads_queries_from_a_dataset_with_mapped_columns(tmp_path,
     assert a["metrics"] == b["metrics"] and b["num_queries"] == 4
     capsys.readouterr()
     # bad input: one line naming the problem and the fix, before the model is loaded
+    monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data"))
     assert cli.main(base + ["--root", str(tmp_path / "ds"), "--split", "val", "--columns", mapping]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no split 'val'; its splits: test; pass --split" in err[0]

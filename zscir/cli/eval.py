@@ -13,7 +13,7 @@ from ..data.schema import AnnotationError
 from ..data.sources import parse_columns
 from ..eval.encode import CACHE_ENV, PathLike, RetrievalModel
 from ..eval.evaluate import evaluate
-from ..eval.protocols import BENCHMARKS, EvaluationError
+from ..eval.protocols import BENCHMARKS, EvaluationError, load_benchmark
 from .common import (SOURCE_HELP, add_cache_argument, add_data_arguments, add_device_argument, add_model_argument,
                      add_out_argument, add_precision_argument, add_workers_argument, resolve_cli_precision)
 
@@ -94,15 +94,15 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset != "generic" and (args.columns or args.image_root):
         raise ValueError(f"--columns and --image-root apply to --dataset generic; {args.dataset} is read in its "
                          "official layout")
-    options = _DATASET_OPTIONS.get(args.dataset, lambda a: {})(args)  # bad --columns fail before the model loads
+    options = _DATASET_OPTIONS.get(args.dataset, lambda a: {})(args)
     try:
+        # the annotations first: a bad split, column or file costs no model load
+        data = load_benchmark(args.dataset, args.root, args.split, **options)
         model = load_model(args.model, getattr(args, "device", None), **({"revision": args.revision}
                                                                           if args.revision else {}))
         evaluate(
             model,
-            args.dataset,
-            args.split,
-            root=args.root,
+            data,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             allow_missing=args.allow_missing,
@@ -113,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.gallery_cache,
             use_cache=not args.no_cache,
             progress=not args.no_progress,
-            dataset_options=options,
             precision=precision,
         )
     except (AnnotationError, EvaluationError, CheckpointError) as err:
