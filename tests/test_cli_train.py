@@ -168,3 +168,18 @@ def test_resume_and_overwrite_exclude_each_other(stage2_inputs, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(_stage2(model, triplets, tmp_path / "x", "--resume", "--overwrite"))
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pretrain_clip_out_is_a_run_folder_resumed_only_when_asked(tmp_path, capsys):
+    out = tmp_path / "clip"
+    base = ["pretrain-clip", "--preset", "quick", "--out", str(out), "--no-progress", "--mixed-precision", "no"]
+    assert main(base + ["--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--steps", "3"]) == 1  # it used to continue silently
+    assert "holds a finished run of zscir pretrain-clip; pass --resume" in capsys.readouterr().err
+    assert main(base + ["--steps", "3", "--resume"]) == 0  # more steps: the run continues
+    assert json.loads((out / "training" / "state" / "state.json").read_text())["step"] == 3
+    assert main(base + ["--steps", "2", "--no-resume"]) == 0  # the old spelling of --overwrite
+    assert json.loads((out / "training" / "state" / "state.json").read_text())["step"] == 2
+    assert "--no-resume is now spelled --overwrite" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from ..train.bank import BankStageConfig
 from ..train.clip_pretrain import PRESETS
 from ..train.stage1 import STAGE1_LOSSES, Stage1Config
 from ..train.stage2 import Stage2Config
-from .common import (SOURCE_HELP, add_again_arguments, add_cache_argument, add_data_arguments, add_device_argument,
+from .common import (RESUME_FREE, SOURCE_HELP, add_again_arguments, add_cache_argument, add_data_arguments, add_device_argument,
                      add_model_argument, add_out_argument, add_report_argument, add_train_arguments,
                      add_train_precision_argument, check_report_to, columns_of, open_training_run,
                      resolve_cli_precision, resolve_device, resolve_model, tracking, train_config_from_args)
@@ -77,6 +77,7 @@ def pretrain_clip_add_arguments(parser: argparse.ArgumentParser) -> None:
     add_report_argument(parser)
     add_again_arguments(parser)
     add_old_spelling(parser, "--no-resume", "--overwrite")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def pretrain_clip_run(args: argparse.Namespace) -> int:
@@ -93,18 +94,19 @@ def pretrain_clip_run(args: argparse.Namespace) -> int:
         if args.resume or args.overwrite:
             raise ValueError("--resume and --overwrite apply to --out DIR; the cached tiny CLIP is reused or "
                              "continued by itself")
-        folder, report = pretrained_tiny_clip(args.preset, seed=args.seed, precision=precision)
+        folder, report = pretrained_tiny_clip(args.preset, seed=args.seed, precision=precision,
+                                              progress=not args.no_progress)
     elif args.out is None:  # a keyed cache entry: the same settings continue the same run
         out = default_cache_dir() / "tiny_clip" / f"custom-{config_key(cfg)}"
         with tracking(argparse.Namespace(report_to=args.report_to, out=out), {"preset": args.preset}):
-            report = pretrain(cfg, out, resume=True)
+            report = pretrain(cfg, out, resume=True, progress=not args.no_progress)
         folder = out / "backbone"
     else:
-        run = RunFolder(args.out, "pretrain-clip", {"config": cfg.to_dict()}, PRETRAIN_OUTPUTS,
+        run = RunFolder(args.out, "pretrain-clip", {"config": cfg.to_dict()}, PRETRAIN_OUTPUTS, free=RESUME_FREE,
                         info={"preset": args.preset, "captions": args.captions})
         resume = run.open(resume=args.resume, overwrite=args.overwrite)
         with tracking(args, {"preset": args.preset}):
-            report = pretrain(cfg, args.out, resume=resume)
+            report = pretrain(cfg, args.out, resume=resume, progress=not args.no_progress)
         run.finish()
         folder = args.out / "backbone"
     print(f"backbone folder: {folder}")
