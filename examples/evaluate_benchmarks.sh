@@ -5,7 +5,8 @@
 #   bash examples/evaluate_benchmarks.sh                 # the real run (GPU; data folders below)
 #   bash examples/evaluate_benchmarks.sh --tiny [DIR]    # the same commands offline on CPU in about a minute:
 #                                                        # random-init micro CLIP, shapes-world training data and
-#                                                        # tiny fixture folders in the official layouts (output in DIR)
+#                                                        # tiny folders in the official layouts, written by
+#                                                        # zscir.data.benchmarks.fixtures (output in DIR)
 #   STAGES=eval MODEL=runs/vitl14/stage2/model bash examples/evaluate_benchmarks.sh   # evaluate an existing model
 #
 # Settings (environment variables, defaults in brackets):
@@ -13,7 +14,8 @@
 #   STAGE1_IMAGES [$DATA/imagenet/train]  unlabeled images for Stage I (ImageNet train, a CC3M image folder, ...)
 #   CAPTIONS [$DATA/cc3m/captions.jsonl]  image-caption JSONL for make-triplets ({"image": "rel/path.jpg", "caption": "..."})
 #   FASHIONIQ [$DATA/fashioniq]  CIRR [$DATA/cirr]  CIRCO [$DATA/circo]   benchmark roots (layouts below)
-#   OUT [runs/vitl14]                     models, triplets, results/*.json and submission/*.json go here
+#   OUT [runs/vitl14]                     models, triplets, results/DATASET_SPLIT/results.json and submission/*.json
+#                                         go here
 #   NUM_GPUS [1]                          >1: training runs on that many GPUs of this node
 #   LAUNCHER [accelerate]                 accelerate | torchrun (multi-GPU launcher)
 #   STAGES [stage1 triplets stage2 eval]  which steps to run; MODEL [$OUT/stage2/model] is what `eval` evaluates
@@ -53,27 +55,19 @@ if [ "${1:-}" = "--tiny" ]; then
 fi
 
 if [ "$TINY" = 1 ]; then
-    # offline stand-ins: fixture folders in the official layouts, a random-init micro CLIP, shapes-world data
-    FIXTURES="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/fixtures_cir.py"
-    [ -f "$FIXTURES" ] || { echo "evaluate_benchmarks.sh: --tiny needs $FIXTURES (a source checkout)" >&2; exit 1; }
+    # offline stand-ins: tiny folders in the official layouts (shipped with zscir), a random-init micro CLIP,
+    # shapes-world training data
     FASHIONIQ=$OUT/data/fashioniq CIRR=$OUT/data/cirr CIRCO=$OUT/data/circo
-    "$PYTHON" - "$FIXTURES" "$OUT/data" <<'PY'
-import sys
-from pathlib import Path
-sys.path.insert(0, str(Path(sys.argv[1]).parent))
-import fixtures_cir as fx
-root = Path(sys.argv[2])
-fx.make_fashioniq(root / "fashioniq"), fx.make_cirr(root / "cirr"), fx.make_circo(root / "circo")
-print(f"fixture benchmark folders written to {root}")
-PY
+    "$PYTHON" -c 'import sys; from zscir.data.benchmarks.fixtures import write_all; write_all(sys.argv[1]);
+print(f"tiny benchmark folders written to {sys.argv[1]}")' "$OUT/data"
     NUM_GPUS=1
-    BACKBONE=(--model zscir-micro --random-init)
+    BACKBONE=(--backbone zscir-micro --random-init)
     STAGE1_DATA=(--shapes 256)
     STAGE1_OPTS=(--steps 5 --batch-size 32 --num-tokens 2 --no-progress)
     TRIPLET_DATA=(--shapes 64 --shapes-image-size 32)
     # the micro CLIP has 2 text blocks: adapters on the last one
     STAGE2_OPTS=(--steps 5 --batch-size 16 --adapter-layers 1 --no-progress)
-    EVAL_OPTS=(--no-progress --cache-dir "$OUT/gallery_cache")
+    EVAL_OPTS=(--no-progress --gallery-cache "$OUT/gallery_cache")
     # one split per benchmark keeps it short; the val runs differ only in --split and have no --submission
     DEFAULT_EVALS="fashioniq:val cirr:test circo:test"
 else
@@ -83,8 +77,8 @@ else
     FASHIONIQ=${FASHIONIQ:-$DATA/fashioniq} CIRR=${CIRR:-$DATA/cirr} CIRCO=${CIRCO:-$DATA/circo}
     OUT=${OUT:-runs/vitl14}
     NUM_GPUS=${NUM_GPUS:-1}
-    BACKBONE=(--model ViT-L-14 --pretrained openai)
-    STAGE1_DATA=(--images "$STAGE1_IMAGES" --cache-dir "$OUT/stage1_features")
+    BACKBONE=(--backbone ViT-L-14 --pretrained openai)
+    STAGE1_DATA=(--images "$STAGE1_IMAGES" --feature-cache "$OUT/stage1_features")
     STAGE1_OPTS=(--steps "${STAGE1_STEPS:-2000}" --batch-size "${STAGE1_BATCH:-256}" --mixed-precision bf16
                  --save-every 500 --resume)
     # caption-edit + caption-pair from the caption corpus; add "--modes llm-edit --text-editor mypkg.llm:edit"
@@ -135,7 +129,7 @@ evaluate() {  # evaluate DATASET SPLIT: print and run the exact `zscir eval` com
         *) echo "evaluate_benchmarks.sh: unknown data set '$dataset' in EVALS (fashioniq, cirr, circo)" >&2; exit 1 ;;
     esac
     local cmd=(eval --dataset "$dataset" --root "$root" --split "$split" --model "$MODEL"
-               --out "$OUT/results/${dataset}_${split}.json")
+               --out "$OUT/results/${dataset}_${split}")
     # test splits have no public ground truth: write the files the evaluation servers take
     if [ "$split" = test ] && [ "$dataset" != fashioniq ]; then cmd+=(--submission "$OUT/submission"); fi
     echo "+ zscir ${cmd[*]}"

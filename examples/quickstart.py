@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Quickstart: compose a query (reference image + modification text), search a folder of images, plot the top k.
 
-Offline, self-contained (writes a small shapes-world image folder and searches it)::
+Offline, self-contained (writes a small shapes-world image folder, trains a tiny model on the shapes world,
+searches the folder and reports where the known target ranks)::
 
     python examples/quickstart.py --tiny --out grid.png
 
@@ -12,8 +13,16 @@ Your own model and photos::
 
 Add ``--index photos.index`` to keep the gallery embeddings on disk (a
 ``zscir.search.EmbeddingIndex``, the same format ``zscir index`` writes): the
-next run only embeds images that are new. Without ``--model`` an untrained
-``Composer.from_clip("zscir-tiny")`` is used, which runs but ranks at random.
+next run only embeds images that are new. ``--model`` also takes a Hugging Face
+Hub repo id (``user/name``). Without ``--model`` (and without ``--tiny``) an
+untrained ``Composer.from_clip("zscir-tiny")`` is used, which runs but ranks at
+random.
+
+``--tiny`` trains its model (about half a minute on a CPU, kept in
+``WORKDIR/model`` and reused): the shapes world's pretrained tiny CLIP
+(``zscir pretrain-clip --preset fast``, cached per machine, trained on first use),
+Stage I on unlabeled shapes images, Stage II on shapes triplets phrased differently
+from the queries.
 """
 from __future__ import annotations
 
@@ -58,6 +67,42 @@ def write_tiny_world(folder: Path, image_size: int = 64, n_queries: int = 6, see
     # the export's paths are "images/<name>.png"; gallery ids are relative to the images/ folder it searches
     targets = [Path(t).relative_to("images").as_posix() for t in first["targets"]]
     return TinyQuery(folder / "images", folder / first["reference"], first["modification"], targets)
+
+
+def train_tiny_model(folder: Path, seed: int = 0, progress: bool = False) -> Path:
+    """A small trained model in `folder` (reused when it is there): tiny CLIP + Stage I + Stage II on the shapes world."""
+    if (folder / "config.json").is_file():
+        return folder
+    from zscir.data.triplets import load_triplets
+    from zscir.models.adapters import AdapterConfig
+    from zscir.models.phi import PhiConfig
+    from zscir.shapes import ShapesWorld, ShapesWorldConfig
+    from zscir.train.clip_pretrain import pretrained_tiny_clip
+    from zscir.train.engine import TrainConfig
+    from zscir.train.features import encode_triplets, shapes_features
+    from zscir.train.stage1 import Stage1Config, train_stage1
+    from zscir.train.stage2 import Stage2Config, fit_to_context, train_stage2
+
+    clip, _ = pretrained_tiny_clip("fast", progress=progress)  # cached per machine
+    torch.manual_seed(seed)
+    composer = Composer.from_clip(str(clip), phi=PhiConfig(num_tokens=2, vsi_layers=1))
+    world = ShapesWorld(ShapesWorldConfig(seed=seed, image_size=composer.backbone.image_size))
+    # Stage I: map unlabeled images to pseudo-word tokens
+    images = shapes_features(composer, world.scenes(2000, stream="quickstart-stage1"), world.config.image_size)
+    stage1 = Stage1Config(phi=composer.phi.config, concept_weight=0.5,
+                          train=TrainConfig(steps=100, batch_size=64, lr=1e-3, warmup_steps=10, seed=seed))
+    composer, _ = train_stage1(composer, images, stage1, concepts=world.concept_phrases(), progress=progress)
+    # Stage II: compose them with modification texts, on synthetic triplets in the *training* phrasing
+    exported = world.export_triplets(world.make_triplets(600, family="train", stream="quickstart-stage2"),
+                                     folder.parent / f"{folder.name}-triplets", progress=progress)
+    triplets = fit_to_context(composer, load_triplets(exported / "triplets.jsonl"))
+    stage2 = Stage2Config(adapters=AdapterConfig(kind="lora", num_layers=2, rank=8),
+                          train=TrainConfig(steps=100, batch_size=64, lr=3e-3, warmup_steps=10, seed=seed))
+    composer, _ = train_stage2(composer, encode_triplets(composer, triplets, progress=progress), stage2,
+                               progress=progress)
+    composer.save_pretrained(folder, training_data={"stage1": "2,000 shapes-world images",
+                                                    "stage2": "600 shapes-world triplets (training phrasing)"})
+    return folder
 
 
 def load_composer(model: Optional[str], backbone: str, seed: int = 0) -> Composer:
@@ -132,7 +177,8 @@ def plot_grid(reference: Path, text: str, hits: Sequence[Hit], images: Path, out
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of the quickstart."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="trained model folder (Composer.save_pretrained); default: untrained tiny CLIP")
+    p.add_argument("--model", help="trained model folder (Composer.save_pretrained) or Hub repo id; default: "
+                   "untrained tiny CLIP (--tiny: a tiny model trained on the shapes world)")
     p.add_argument("--backbone", default="zscir-tiny", help="open_clip model for the untrained fallback")
     p.add_argument("--images", type=Path, help="folder of gallery images (searched recursively)")
     p.add_argument("--reference", type=Path, help="reference image (default: the first gallery image)")
@@ -143,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG grid of the query and its results")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="seed of the untrained fallback model and of --tiny data")
-    p.add_argument("--tiny", action="store_true", help="offline demo: write a shapes-world folder and search it")
-    p.add_argument("--workdir", type=Path, help="--tiny: where to write the images (default: a temporary folder)")
+    p.add_argument("--tiny", action="store_true", help="offline demo: write a shapes-world folder, train a tiny model "
+                   "and search the folder")
+    p.add_argument("--workdir", type=Path, help="--tiny: where to write the images and the model (default: a "
+                   "temporary folder)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -157,6 +205,9 @@ def run(args: argparse.Namespace, workdir: Optional[Path]) -> int:
         args.images, args.reference = query.images, args.reference or query.reference
         args.text, targets = args.text or query.text, query.targets
         print(f"tiny shapes world written to {workdir}")
+        if not args.model:
+            args.model = str(train_tiny_model(workdir / "model", seed=args.seed, progress=not args.no_progress))
+            print(f"tiny model (tiny CLIP + Stage I + Stage II): {args.model}")
     if args.images is None or args.text is None:
         raise ValueError("give --images DIR and --text TEXT (or --tiny)")
     if args.top_k < 1:

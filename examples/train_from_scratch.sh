@@ -35,7 +35,7 @@ if [ "${1:-}" = "--tiny" ]; then
     zscir shapes captions --out "$OUT/data/corpus" --n 200 --image-size 32 --no-progress
     zscir shapes eval --out "$OUT/data/eval" --n 40 --image-size 32 --no-progress
     IMAGES=$OUT/data/corpus/images CAPTIONS=$OUT/data/corpus/captions.jsonl
-    BACKBONE=(--model zscir-micro --random-init)
+    BACKBONE=(--backbone zscir-micro --random-init)
     STAGE1_OPTS=(--steps 5 --batch-size 32 --num-tokens 2 --no-progress)
     # the micro CLIP has 2 text blocks: adapters on the last one
     STAGE2_OPTS=(--steps 5 --batch-size 16 --adapter-layers 1 --no-progress)
@@ -45,7 +45,7 @@ if [ "${1:-}" = "--tiny" ]; then
 else
     IMAGES=${IMAGES:-/data/imagenet/train}
     CAPTIONS=${CAPTIONS:-/data/cc3m/captions.jsonl}
-    BACKBONE=(--model "${MODEL_NAME:-ViT-L-14}" --pretrained "${PRETRAINED:-openai}")
+    BACKBONE=(--backbone "${MODEL_NAME:-ViT-L-14}" --pretrained "${PRETRAINED:-openai}")
     STAGE1_OPTS=(--steps "${STAGE1_STEPS:-2000}" --batch-size "${BATCH:-256}" --save-every 500 --resume)
     STAGE2_OPTS=(--steps "${STAGE2_STEPS:-1000}" --batch-size "${BATCH:-256}" --save-every 500 --resume)
     EVAL_DATASET=${EVAL_DATASET:-cirr} EVAL_ROOT=${EVAL_ROOT:-/data/cirr} EVAL_SPLIT=${EVAL_SPLIT:-val}
@@ -81,6 +81,6 @@ train train-stage2 --model "$OUT/stage1/model" --triplets "$OUT/triplets/triplet
 
 echo "== 4/4 zero-shot evaluation on $EVAL_DATASET ($EVAL_SPLIT)"
 zscir eval --dataset "$EVAL_DATASET" --root "$EVAL_ROOT" --split "$EVAL_SPLIT" --model "$OUT/stage2/model" \
-    --out "$OUT/results.json" ${EVAL_OPTS[@]+"${EVAL_OPTS[@]}"}
+    --out "$OUT/results" ${EVAL_OPTS[@]+"${EVAL_OPTS[@]}"}
 
-echo "done: model $OUT/stage2/model (load it with zscir.Composer.from_pretrained), metrics $OUT/results.json"
+echo "done: model $OUT/stage2/model (load it with zscir.Composer.from_pretrained), metrics $OUT/results/results.json"

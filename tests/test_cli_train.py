@@ -28,30 +28,41 @@ def _stage1(images, out, *extra):
             "--no-progress", "--concept-weight", "0", *extra]
 
 
-# ------------------------------------------------------------------------------- train-stage1 --model
-def test_train_stage1_without_model_is_one_error_listing_the_choices(images, tmp_path, capsys):
+# ---------------------------------------------------------------------------- train-stage1 --backbone
+def test_train_stage1_without_backbone_is_one_error_listing_the_choices(images, tmp_path, capsys):
     assert main(_stage1(images, tmp_path / "run")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--model is required" in err[0]
-    for choice in ("--pretrained", "ViT-L-14", "openai", "folder", "tiny-clip", "--random-init"):
+    assert len(err) == 1 and "--backbone is required" in err[0]
+    for choice in ("--pretrained", "ViT-L-14", "openai", "folder", "tiny-clip", "--random-init", "hf-hub:"):
         assert choice in err[0], choice
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_an_open_clip_name_without_weights_is_refused(images, tmp_path, capsys):
-    assert main(_stage1(images, tmp_path / "run", "--model", "zscir-micro")) == 1
+    assert main(_stage1(images, tmp_path / "run", "--backbone", "zscir-micro")) == 1
     err = capsys.readouterr().err
     assert "without weights" in err and "--pretrained" in err and "--random-init" in err
-    assert main(_stage1(images, tmp_path / "run", "--model", "tiny-clip:nope")) == 1
+    assert main(_stage1(images, tmp_path / "run", "--backbone", "tiny-clip:nope")) == 1
     assert "unknown tiny-CLIP preset 'nope'" in capsys.readouterr().err
+    # a misspelt architecture is named before any image is read
+    assert main(_stage1(tmp_path / "no-images", tmp_path / "run", "--backbone", "ViT-L-41", "--random-init")) == 1
+    err = capsys.readouterr().err
+    assert "--backbone ViT-L-41: not an open_clip architecture (did you mean" in err and "ViT-L-14" in err
+
+
+def test_the_old_model_spelling_still_names_the_backbone(images, tmp_path, capsys):
+    assert main(_stage1(images, tmp_path / "run", "--model", "zscir-micro", "--random-init")) == 0
+    err = capsys.readouterr().err
+    assert "--model is now spelled --backbone" in err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["model"]["name"] == "zscir-micro"
 
 
 def test_random_init_is_seeded_warned_and_reuses_one_feature_cache(images, tmp_path, caplog):
     cache = tmp_path / "cache"
     with caplog.at_level(logging.WARNING, logger="zscir"):
         for name in ("a", "b"):
-            assert main(_stage1(images, tmp_path / name, "--model", "zscir-micro", "--random-init",
-                                "--cache-dir", str(cache))) == 0
+            assert main(_stage1(images, tmp_path / name, "--backbone", "zscir-micro", "--random-init",
+                                "--feature-cache", str(cache))) == 0
     assert "random weights" in caplog.text
     a, b = (load_tensors(tmp_path / name / "model" / "model.safetensors") for name in ("a", "b"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)  # same seed, same model
@@ -67,7 +78,7 @@ def test_tiny_clip_names_the_cached_trained_tiny_clip(images, tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(clip_pretrain, "pretrained_tiny_clip",
                         lambda preset, **kw: calls.append((preset, kw)) or (folder, {}))
-    assert main(_stage1(images, tmp_path / "run", "--model", "tiny-clip:fast")) == 0
+    assert main(_stage1(images, tmp_path / "run", "--backbone", "tiny-clip:fast")) == 0
     assert calls and calls[0][0] == "fast"
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
     assert settings["model"]["tiny_clip"] == "fast"
@@ -157,3 +168,18 @@ def test_resume_and_overwrite_exclude_each_other(stage2_inputs, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(_stage2(model, triplets, tmp_path / "x", "--resume", "--overwrite"))
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pretrain_clip_out_is_a_run_folder_resumed_only_when_asked(tmp_path, capsys):
+    out = tmp_path / "clip"
+    base = ["pretrain-clip", "--preset", "quick", "--out", str(out), "--no-progress", "--mixed-precision", "no"]
+    assert main(base + ["--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--steps", "3"]) == 1  # it used to continue silently
+    assert "holds a finished run of zscir pretrain-clip; pass --resume" in capsys.readouterr().err
+    assert main(base + ["--steps", "3", "--resume"]) == 0  # more steps: the run continues
+    assert json.loads((out / "training" / "state" / "state.json").read_text())["step"] == 3
+    assert main(base + ["--steps", "2", "--no-resume"]) == 0  # the old spelling of --overwrite
+    assert json.loads((out / "training" / "state" / "state.json").read_text())["step"] == 2
+    assert "--no-resume is now spelled --overwrite" in capsys.readouterr().err

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "zscir"
 # Lower layers never import higher ones (lazy imports inside functions included).
 LAYERS = [
     {"zscir.config", "zscir.registry", "zscir.checkpoint", "zscir.losses", "zscir.precision", "zscir.viz",
-     "zscir.runs"},
+     "zscir.runs", "zscir.hub"},
     {"zscir.models", "zscir.data", "zscir.shapes", "zscir.search"},
     {"zscir.composer"},
     {"zscir.train", "zscir.eval"},

@@ -13,6 +13,7 @@ from PIL import Image
 from zscir.precision import PrecisionError, autocast, resolve_precision
 
 TRAIN_EVAL_COMMANDS = ["pretrain-clip", "train-stage1", "train-stage2", "train-bank", "eval", "index", "search"]
+TRAIN_COMMANDS = TRAIN_EVAL_COMMANDS[:4]
 
 
 # ------------------------------------------------------------------------------------------ resolving
@@ -60,9 +61,11 @@ def _parser(name):
 
 
 @pytest.mark.parametrize("name", TRAIN_EVAL_COMMANDS)
-def test_every_training_evaluation_and_index_command_has_the_flag_with_auto_default(name):
+def test_every_training_evaluation_and_index_command_has_the_flag(name):
+    """Encoding commands default to auto; training leaves it to Accelerate's setting (None) unless given."""
     action = _parser(name)._option_string_actions["--mixed-precision"]
-    assert action.default == "auto" and list(action.choices) == ["auto", "no", "fp16", "bf16"]
+    assert action.default == (None if name in TRAIN_COMMANDS else "auto")
+    assert list(action.choices) == ["auto", "no", "fp16", "bf16"]
 
 
 @pytest.mark.parametrize("name, argv", [
@@ -139,8 +142,8 @@ def test_bf16_stage1_cli_caches_features_apart_from_float32(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(12):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
-    base = ["train-stage1", "--images", str(imgs), "--model", "zscir-micro", "--random-init", "--steps", "2",
-            "--batch-size", "4", "--no-progress", "--concept-weight", "0", "--cache-dir", str(tmp_path / "cache")]
+    base = ["train-stage1", "--images", str(imgs), "--backbone", "zscir-micro", "--random-init", "--steps", "2",
+            "--batch-size", "4", "--no-progress", "--concept-weight", "0", "--feature-cache", str(tmp_path / "cache")]
     assert main(base + ["--out", str(tmp_path / "bf16"), "--mixed-precision", "bf16"]) == 0
     state = json.loads((tmp_path / "bf16" / "state" / "state.json").read_text())
     assert state["config"]["mixed_precision"] == "bf16"

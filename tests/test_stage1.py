@@ -84,7 +84,7 @@ def test_cli_trains_on_a_folder_with_bad_images_and_resumes(tmp_path):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
     Image.new("CMYK", (30, 30)).save(imgs / "cmyk.jpg")
     (imgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    args = ["train-stage1", "--images", str(imgs), "--model", "zscir-micro", "--random-init",
+    args = ["train-stage1", "--images", str(imgs), "--backbone", "zscir-micro", "--random-init",
             "--out", str(tmp_path / "run"), "--steps", "4", "--batch-size", "8", "--no-progress",
             "--concept-weight", "0"]
     assert main(args) == 0
@@ -98,5 +98,5 @@ def test_cli_trains_on_a_folder_with_bad_images_and_resumes(tmp_path):
     assert meta["step"] == 6
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["train-stage1", "--images", str(empty), "--model", "zscir-micro", "--random-init", "--out",
+    assert main(["train-stage1", "--images", str(empty), "--backbone", "zscir-micro", "--random-init", "--out",
                  str(tmp_path / "x"), "--no-progress"]) == 1

@@ -191,7 +191,7 @@ def test_hf_dataset_with_paths_and_saved_folder(folder):
     datasets.DatasetDict({"train": ds}).save_to_disk(str(saved))
     again = load_triplets(saved, image_root=folder)
     assert [t.modification for t in again] == ["make it green", "make it blue"]
-    with pytest.raises(KeyError, match="no split 'val'"):
+    with pytest.raises(ValueError, match="has no split 'val'; its splits: train; pass --split"):
         load_triplets(saved, image_root=folder, split="val")
     with pytest.raises(TripletFileError, match="row 2: reference image not found"):
         TripletSet.from_hf(ds.map(lambda r, i: {"reference": r["reference"] if i == 0 else "x.png"}, with_indices=True),

@@ -10,11 +10,15 @@
 >>> tuple(q.shape), tuple(idx.shape)
 ((1, 128), (1, 2))
 
-A model folder holds ``config.json`` (a :class:`ComposerConfig`) and
+A model folder holds ``config.json`` (a :class:`ComposerConfig`),
 ``model.safetensors`` with the phi-network, the composing adapters and, for
 backbones that are not a public open_clip checkpoint (the tiny CLIP trained
-here), the backbone weights too. Public backbones (``ViT-L-14``/``openai``)
-are referenced by name and loaded through open_clip.
+here), the backbone weights too, and a model card ``README.md`` (Hub metadata,
+training data, evaluation results). Public backbones (``ViT-L-14``/``openai``,
+``hf-hub:org/repo``) are referenced by name and loaded through open_clip.
+:meth:`Composer.from_pretrained` takes a folder or a Hub repo id (``user/repo``,
+resolved through ``huggingface_hub``'s cache, offline mode and token);
+:meth:`Composer.push_to_hub` uploads one.
 
 Adapters are attached in one place, :meth:`Composer.add_adapters` (the
 constructor, ``from_pretrained`` and Stage II all go through it). Only composed
@@ -42,6 +46,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_folder, save_folder
 from .config import Config
+from .hub import HUB_PREFIX, CardInfo, read_card_info, resolve_model_folder, validate_repo_id, write_model_card
 from .models import adapters as _adapters
 from .models.adapters import AdapterConfig
 from .models.backbone import (Backbone, BackboneConfig, BackboneError, create_backbone, load_backbone,
@@ -103,6 +108,8 @@ class Composer(nn.Module):
         if config.image_residual:
             self.enable_image_residual()
         self.adapter_keys: List[str] = []
+        #: what the model card records (training data, data sets, results); carried into the next save
+        self.card: CardInfo = {}
         adapters, config.adapters = config.adapters, None  # add_adapters records them again
         try:
             if adapters is not None:
@@ -116,9 +123,13 @@ class Composer(nn.Module):
     def from_clip(cls, model_name: str = "zscir-tiny", pretrained: Optional[str] = None,
                   phi: Optional[PhiConfig] = None, adapters: Optional[AdapterConfig] = None,
                   device: str = "cpu", **prompt_kwargs) -> "Composer":
-        """A Composer over an open_clip model (name + pretrained tag/file, or a backbone folder) with an untrained phi."""
+        """A Composer over an open_clip model (name + pretrained tag/file, ``hf-hub:org/repo``, or a backbone folder)
+        with an untrained phi."""
         backbone = load_backbone(model_name, pretrained, device=device)
         phi_cfg = dataclasses.replace(phi or PhiConfig(), embed_dim=backbone.embed_dim, token_dim=backbone.token_dim)
+        if model_name.startswith(HUB_PREFIX):  # config and weights come from the Hub repo: referenced by name
+            config = ComposerConfig(backbone=backbone.config, phi=phi_cfg, adapters=adapters, **prompt_kwargs)
+            return cls(backbone, PhiNetwork(phi_cfg), config).to(device)
         local = Path(model_name).is_dir() or (pretrained is not None and Path(pretrained).exists())
         bcfg = backbone.config
         if (local or pretrained is None) and bcfg.model_cfg is None:
@@ -130,8 +141,14 @@ class Composer(nn.Module):
         return cls(backbone, PhiNetwork(phi_cfg), config).to(device)
 
     @classmethod
-    def from_pretrained(cls, folder: Union[str, os.PathLike], device: str = "cpu") -> "Composer":
-        """Load a folder written by :meth:`save_pretrained` (strict: missing or mismatched weights are an error)."""
+    def from_pretrained(cls, name_or_path: Union[str, os.PathLike], device: str = "cpu", revision: Optional[str] = None,
+                        token: Optional[str] = None, cache_dir: Optional[Union[str, os.PathLike]] = None) -> "Composer":
+        """Load a model folder or Hub repo id (at `revision`) written by :meth:`save_pretrained` / :meth:`push_to_hub`.
+
+        Loading is strict: missing or mismatched weights are an error. Repo ids go through ``huggingface_hub``
+        (its cache, ``HF_HUB_OFFLINE``, `token` or the logged-in one; `cache_dir` overrides the cache folder).
+        """
+        folder = resolve_model_folder(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
         raw, tensors = load_folder(folder)
         config = ComposerConfig.from_dict(raw, source=str(Path(folder) / "config.json"))
         bcfg = config.backbone
@@ -156,6 +173,7 @@ class Composer(nn.Module):
         if config.embed_backbone:
             composer.backbone.frozen_text_blocks = None  # the folder holds the fine-tuned blocks, not the originals
         composer.backbone.invalidate_cache_key()
+        composer.card = read_card_info(folder)
         return composer
 
     def _persistent_state(self) -> Dict[str, torch.Tensor]:
@@ -169,12 +187,56 @@ class Composer(nn.Module):
                 state[f"backbone.{k}"] = v
         return state
 
-    def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (atomic); loads back bit-exactly."""
+    def save_pretrained(self, folder: Union[str, os.PathLike], training_data: Optional[Dict[str, str]] = None,
+                        results: Optional[Sequence[Dict]] = None, datasets: Sequence[str] = (),
+                        model_card: bool = True, name: Optional[str] = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (atomic; loads back bit-exactly) and the model card.
+
+        The card (``README.md``) records the backbone, `training_data` ({stage: one-line summary}), Hub
+        `datasets` ids and evaluation `results` (dicts with dataset, split, metrics, as ``zscir eval`` writes
+        them), added to what this model's card already held; `name` titles the card (default: the folder's name).
+        """
         if self.merged:
             raise ValueError("this Composer's LoRA adapters were merged into the text encoder, which a model folder "
                              "cannot describe; save before merge_adapters() and merge again after loading")
-        return save_folder(folder, self.config.to_dict(), self._persistent_state())
+        config = self.config.to_dict()
+        out = save_folder(folder, config, self._persistent_state())
+        if model_card:
+            # entries of a card already in the folder stay, then this model's, then the new ones
+            write_model_card(out, config, training_data={**(self.card.get("training_data") or {}),
+                                                         **(training_data or {})},
+                             results=list(self.card.get("results") or []) + list(results or []),
+                             datasets=list(self.card.get("datasets") or []) + list(datasets), name=name)
+            self.card = read_card_info(out)
+        return out
+
+    def push_to_hub(self, repo_id: str, revision: Optional[str] = None, private: Optional[bool] = None,
+                    token: Optional[str] = None, commit_message: str = "Upload zscir model", create_pr: bool = False,
+                    training_data: Optional[Dict[str, str]] = None, results: Optional[Sequence[Dict]] = None,
+                    datasets: Sequence[str] = ()) -> str:
+        """Save this model (with its card) and upload it to the Hub repo `repo_id` (created if needed); the commit URL.
+
+        `revision` is the branch to commit to (created from main if missing); `private` applies when the repo is
+        created; `token` defaults to the logged-in one (``huggingface-cli login`` or ``HF_TOKEN``).
+        """
+        import tempfile
+
+        validate_repo_id(repo_id)
+        if self.merged:
+            raise ValueError("this Composer's LoRA adapters were merged into the text encoder; push the model "
+                             "before merge_adapters()")
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory(prefix="zscir-push-") as tmp:
+            self.save_pretrained(tmp, training_data=training_data, results=results, datasets=datasets,
+                                 name=repo_id.rpartition("/")[2])
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
+                                     commit_message=commit_message, create_pr=create_pr)
+        return str(getattr(info, "commit_url", info))
 
     # -------------------------------------------------------------- adapters
     def add_adapters(self, config: AdapterConfig) -> List[str]:

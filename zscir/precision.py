@@ -5,11 +5,18 @@ bf16 on a GPU that supports it, float32 everywhere else. Training passes the
 resolved value to Accelerate; encoding (evaluation, indexing, feature caches)
 runs the model under :func:`autocast` and keeps the embeddings in float32 after
 normalisation. ``"no"`` is a no-op block, so float32 numerics are unchanged.
+
+Training that names no precision uses Accelerate's (:func:`accelerate_precision`):
+what ``accelerate launch --mixed_precision`` passes on, else the ``mixed_precision``
+of ``accelerate config``'s default file, else float32.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, Tuple, Union
+import json
+import os
+from pathlib import Path
+from typing import Callable, ContextManager, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -76,6 +83,43 @@ def resolve_precision(requested: str, device: Device, name: str = "precision") -
     return requested
 
 
+ACCELERATE_ENV = "ACCELERATE_MIXED_PRECISION"  # what `accelerate launch` sets from its flags and config file
+
+
+def accelerate_config_file() -> Path:
+    """Where ``accelerate config`` writes its default settings ($HF_HOME/accelerate/default_config.yaml)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(os.path.expanduser(home)) / "accelerate" / "default_config.yaml"
+
+
+def accelerate_precision() -> Optional[str]:
+    """The mixed precision Accelerate is configured with (``accelerate launch``, else ``accelerate config``), if any."""
+    value = os.environ.get(ACCELERATE_ENV)
+    if not value:
+        path = accelerate_config_file()
+        if not path.is_file():
+            return None
+        try:
+            if path.suffix == ".json":
+                data = json.loads(path.read_text())
+            else:
+                import yaml
+
+                data = yaml.safe_load(path.read_text())
+        except Exception as err:  # a broken file is Accelerate's to report; name it here too
+            raise PrecisionError(f"{path}: unreadable Accelerate config ({err}); fix it (accelerate config) or "
+                                 "pass --mixed-precision") from None
+        value = data.get("mixed_precision") if isinstance(data, dict) else None
+    if value is None:
+        return None
+    value = str(value).lower()
+    if value not in PRECISIONS:
+        source = ACCELERATE_ENV if os.environ.get(ACCELERATE_ENV) else str(accelerate_config_file())
+        raise PrecisionError(f"Accelerate's mixed precision {value!r} ({source}) is not one zscir runs; choose one "
+                             f"of {', '.join(PRECISIONS)} with --mixed-precision")
+    return value
+
+
 def autocast(precision: str, device: Device) -> ContextManager[None]:
     """A block that runs `device`'s operations in `precision` (a no-op block for "no")."""
     resolved = resolve_precision(precision, device)
@@ -84,5 +128,6 @@ def autocast(precision: str, device: Device) -> ContextManager[None]:
     return torch.autocast(device_type=device_type(device), dtype=DTYPES[resolved])
 
 
-__all__ = ["DTYPES", "PRECISIONS", "PrecisionError", "autocast", "describe_device", "device_type",
-           "resolve_precision", "supported_precisions"]
+__all__ = ["ACCELERATE_ENV", "DTYPES", "PRECISIONS", "PrecisionError", "accelerate_config_file",
+           "accelerate_precision", "autocast", "describe_device", "device_type", "resolve_precision",
+           "supported_precisions"]

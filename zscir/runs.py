@@ -49,13 +49,21 @@ class RunMismatchError(ValueError):
     """A run was asked to continue with settings other than those it was started with."""
 
 
+#: Files of a model folder that describe it but do not change what it computes (left out of its fingerprint).
+DOCUMENTATION_FILES = ("README.md",)
+
+
 def folder_fingerprint(folder: Path) -> str:
-    """SHA-256 over the names and contents of the (non-hidden) files in a folder, e.g. a model folder."""
+    """SHA-256 over the names and contents of the (non-hidden) files in a folder, e.g. a model folder.
+
+    The model card (README.md) is documentation: rewriting it does not make another model.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
     h = hashlib.sha256(b"folder\n")
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and p.relative_to(folder).as_posix() not in DOCUMENTATION_FILES):
         h.update(f"{path.relative_to(folder).as_posix()}\n{file_sha256(path)}\n".encode())
     return h.hexdigest()
 

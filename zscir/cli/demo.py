@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ..demo import PRESETS, disk_error, run_demo
-from .common import add_out_argument
+from .common import add_cache_argument, add_out_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(listed in its demo_run.json) and refuses a folder holding other files")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of Stage I, the triplets and Stage II (the tiny CLIP and the test queries stay fixed)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where the tiny CLIP is cached")
+    add_cache_argument(parser, "--clip-cache", "where the tiny CLIP is cached (default: $ZSCIR_CACHE_DIR or "
+                       "~/.cache/zscir)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``zscir demo``."""
     cfg = dataclasses.replace(PRESETS["fast" if args.fast else "default"], seed=args.seed)
     try:
-        run_demo(args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress, cache_dir=args.cache_dir)
+        run_demo(args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress, cache_dir=args.clip_cache)
     except OSError as err:
         if isinstance(err, FileExistsError):
             raise

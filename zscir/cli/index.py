@@ -11,8 +11,13 @@ import torch
 from ..search import BACKENDS, IMAGE_ROOT_FILE, INDEX_META, METRICS, EmbeddingIndex, EmbeddingIndexError, model_key_of
 from ..search.store import Id
 from ..precision import autocast
-from .common import (add_device_argument, add_model_argument, add_out_argument, add_precision_argument,
-                     resolve_cli_precision, resolve_device)
+from .common import (SOURCE_HELP, add_data_arguments, add_device_argument, add_model_argument, add_out_argument,
+                     add_precision_argument, add_workers_argument, columns_of, load_composer, resolve_cli_precision,
+                     resolve_device)
+from .flags import add_old_spelling
+
+#: What `zscir search --out DIR` writes there.
+SEARCH_GRID, SEARCH_RESULTS = "search.png", "search.json"
 
 
 def _parse_params(items: Optional[Sequence[str]], flag: str) -> Dict[str, Any]:
@@ -33,47 +38,38 @@ def _parse_params(items: Optional[Sequence[str]], flag: str) -> Dict[str, Any]:
     return out
 
 
-def _image_list(images: str, root: Optional[str]) -> Tuple[List[Path], List[str]]:
-    """Paths and ids (relative posix paths) from a folder or a file list."""
-    from ..data.images import list_images, read_file_list
+def _image_list(images: str, root: Optional[str], split: Optional[str] = None,
+                columns: Optional[Dict[str, str]] = None) -> Tuple[Any, List[str], Optional[Path]]:
+    """Images (paths, or a data set's image source), their ids and the folder ids are relative to (None: a data set)."""
+    from ..data.images import PathSource
+    from ..data.sources import open_images
 
-    src = Path(images)
-    if src.is_dir():
-        base = src
-        paths = list_images(src)
-    elif src.is_file():
-        base = Path(root) if root else src.parent
-        paths = read_file_list(src, root=root)
-    else:
-        raise FileNotFoundError(f"images not found: {images} (give an image folder or a text file listing images)")
-    ids = []
-    for p in paths:
-        try:
-            ids.append(p.relative_to(base).as_posix())
-        except ValueError:  # absolute entries outside the base keep their full path
-            ids.append(p.as_posix())
-    return paths, ids
+    data = open_images(images, split=split, columns=columns, image_root=root)
+    items = list(data.source.paths) if isinstance(data.source, PathSource) else data.source
+    return items, data.ids, data.base
 
 
 def _load_composer(model: str, args: argparse.Namespace) -> Any:
-    from ..composer import Composer
-
-    return Composer.from_pretrained(model, device=resolve_device(args))
+    return load_composer(args)
 
 
 def index_add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``zscir index``: embed a gallery with a trained model into an index folder."""
-    parser.add_argument("images", help="image folder (searched recursively) or a text file with one image path per line")
-    add_model_argument(parser, help="trained model folder (Composer.save_pretrained)")
+    parser.add_argument("images", metavar="SOURCE", help="image folder (searched recursively), a text file with one "
+                        f"image path per line, or a data set with an image column: {SOURCE_HELP}")
+    add_model_argument(parser)
     parser.add_argument("--index", required=True, help="index folder to create or extend (images already in it are skipped)")
-    parser.add_argument("--root", default=None, help="folder that relative paths in a file list are relative to (default: the list's folder)")
+    add_data_arguments(parser, ("image", "id"), "SOURCE",
+                       image_root_help="folder that relative paths in a file list (or a data set's image column) "
+                                       "are relative to (default: the list's folder)")
+    add_old_spelling(parser, "--root", "--image-root")
     parser.add_argument("--backend", default="exact", choices=BACKENDS.names(), help="also build this FAISS structure (default: exact only)")
     add_device_argument(parser)
     add_precision_argument(parser, "embedding the images (rows are stored as float16 either way)")
     parser.add_argument("--backend-param", action="append", metavar="KEY=VALUE", help="FAISS build parameter, e.g. nlist=1024 (repeatable)")
     parser.add_argument("--metric", default="cosine", choices=METRICS, help="similarity for a new index")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
+    add_workers_argument(parser)
     parser.add_argument("--commit-every", type=int, default=4096, help="embeddings buffered between index commits")
     parser.add_argument("--bad-log", default=None, help="where to list images that fail to load (default: INDEX/bad_images.log)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -82,13 +78,13 @@ def index_add_arguments(parser: argparse.ArgumentParser) -> None:
 def index_run(args: argparse.Namespace) -> int:
     """Run ``zscir index``: embed new images of the gallery and append them to the index."""
     from ..checkpoint import atomic_write_text
-    from ..data.images import iter_image_batches
+    from ..data.images import iter_image_batches, subset
 
     backend_params = _parse_params(args.backend_param, "--backend-param")
     if args.batch_size < 1 or args.commit_every < 1:
         raise ValueError("--batch-size and --commit-every must be >= 1")
     precision, device = resolve_cli_precision(args), resolve_device(args)
-    paths, ids = _image_list(args.images, args.root)
+    paths, ids, base = _image_list(args.images, args.image_root, args.split, columns_of(args, ("image", "id")))
     composer = _load_composer(args.model, args)
     key = model_key_of(composer, args.model)
     folder = Path(args.index)
@@ -120,7 +116,7 @@ def index_run(args: argparse.Namespace) -> int:
 
     if todo:
         for positions, images in iter_image_batches(
-            [paths[i] for i in todo], None, args.batch_size, num_workers=args.num_workers,
+            subset(paths, todo), None, args.batch_size, num_workers=args.num_workers,
             log=bad_log, progress=not args.no_progress, on_failure=record_bad, desc="indexing",
         ):
             with torch.no_grad(), autocast(precision, device):
@@ -134,9 +130,9 @@ def index_run(args: argparse.Namespace) -> int:
         raise EmbeddingIndexError(f"nothing was indexed into {folder}: no image could be loaded")
     if buffer_bad:  # failures after the last embedded image
         index.add([], torch.empty(0, index.dim), skipped=list(buffer_bad))
-    src = Path(args.images)
-    base = src if src.is_dir() else Path(args.root) if args.root else src.parent
-    atomic_write_text(folder / IMAGE_ROOT_FILE, str(base.resolve()) + "\n")  # lets `zscir search --out` find the images
+    base = base or (Path(args.image_root) if args.image_root else None)
+    if base is not None:
+        atomic_write_text(folder / IMAGE_ROOT_FILE, str(base.resolve()) + "\n")  # lets `zscir search --out` find them
     if args.backend != "exact":
         print(f"building the {args.backend!r} backend over {len(index)} embeddings")
         index.build_backend(args.backend, **backend_params)
@@ -150,7 +146,7 @@ def index_run(args: argparse.Namespace) -> int:
 def search_add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``zscir search``: a composed query (image + text) against an index."""
     parser.add_argument("index", help="index folder written by `zscir index`")
-    add_model_argument(parser, help="the model folder the index was built with")
+    add_model_argument(parser, help="the model the index was built with: a folder or Hub repo id user/name")
     parser.add_argument("--image", required=True, help="reference image")
     parser.add_argument("--text", required=True, help="modification text")
     parser.add_argument("-k", "--top-k", type=int, default=10, help="number of results")
@@ -160,7 +156,8 @@ def search_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     add_device_argument(parser)
     add_precision_argument(parser, "encoding the query")
-    add_out_argument(parser, help="write a PNG grid (reference, text, top-k with scores)", required=False)
+    add_out_argument(parser, help=f"folder for OUT/{SEARCH_GRID} (reference, text, top-k with scores) and "
+                     f"OUT/{SEARCH_RESULTS} (the ranked ids)", required=False)
     parser.add_argument("--image-root", default=None,
                         help="folder the gallery ids are relative to, for --out (default: the folder given to `zscir index`)")
 
@@ -191,7 +188,13 @@ def search_run(args: argparse.Namespace) -> int:
     if args.out:
         root_file = Path(args.index) / IMAGE_ROOT_FILE
         root = Path(args.image_root or (root_file.read_text().strip() if root_file.is_file() else "."))
-        _write_search_grid(args.out, root, image, args.text, hits)
+        grid = args.out if args.out.suffix.lower() == ".png" else args.out / SEARCH_GRID  # .png: the old meaning
+        if grid.parent == args.out:
+            from ..checkpoint import atomic_write_json
+
+            atomic_write_json(args.out / SEARCH_RESULTS, {"image": str(args.image), "text": args.text, "results": [
+                {"rank": r, "id": i, "score": round(s, 6)} for r, (i, s) in enumerate(hits, start=1)]})
+        _write_search_grid(grid, root, image, args.text, hits)
     return 0
 
 

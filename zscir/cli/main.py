@@ -1,13 +1,18 @@
-"""The ``zscir`` command: one subcommand per job; each command group's flags live in one module of this package."""
+"""The ``zscir`` command: one subcommand per job; each command group's flags live in one module of this package.
+
+Subcommand modules are imported only when their command runs (or its help is shown), so ``zscir --help``
+lists the commands without loading torch.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
 import sys
-from typing import List, NamedTuple, Optional
+from typing import Iterable, List, NamedTuple, Optional, Sequence
 
 from .. import __version__
+from .flags import HelpFormatter, old_spellings_used
 
 
 class Subcommand(NamedTuple):
@@ -40,6 +45,10 @@ SUBCOMMANDS = {
 }
 
 
+#: Exceptions that are a user's mistake or the environment's: one line, not a traceback (--verbose shows it).
+USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError, ImportError)
+
+
 def available() -> dict:
     """Subcommands whose module exists in this installation."""
     import importlib.util
@@ -47,23 +56,35 @@ def available() -> dict:
     return {name: sc for name, sc in SUBCOMMANDS.items() if importlib.util.find_spec(sc.module) is not None}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every subcommand's arguments."""
-    parser = argparse.ArgumentParser(prog="zscir", description="zero-shot composed image retrieval (TSCIR)")
+def _command_of(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand an argument list names (the first word that is not a top-level option), if any."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in SUBCOMMANDS else None
+    return None
+
+
+def build_parser(commands: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
+    """The top-level parser; the arguments of `commands` (default: every subcommand) are added, the rest only listed."""
+    parser = argparse.ArgumentParser(prog="zscir", description="zero-shot composed image retrieval (TSCIR)",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"zscir {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = None if commands is None else set(commands)
     for name, sc in available().items():
-        module = importlib.import_module(sc.module)
-        sub = subs.add_parser(name, help=sc.help, description=sc.help)
-        getattr(module, sc.add_arguments)(sub)
+        sub = subs.add_parser(name, help=sc.help, description=sc.help, formatter_class=HelpFormatter)
+        if wanted is None or name in wanted:
+            getattr(importlib.import_module(sc.module), sc.add_arguments)(sub)
         sub.set_defaults(_run=(sc.module, sc.run))
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse arguments and run a subcommand; user errors print one line, not a traceback."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_of(argv)
+    parser = build_parser([command] if command else [])
     args = parser.parse_args(argv)
     # third-party INFO chatter (open_clip logs on the root logger) only with --verbose
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -71,17 +92,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    for old, new in old_spellings_used(args):
+        print(f"zscir {args.command}: note: {old} is now spelled {new} (the old spelling still works)",
+              file=sys.stderr)
     module, fn = args._run
     try:
         return int(getattr(importlib.import_module(module), fn)(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; finished steps are kept and the next run resumes from them", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, PermissionError, OSError, RuntimeError) as err:
+    except USER_ERRORS as err:
         if args.verbose:
             raise
-        print(f"zscir {args.command}: error: {err}", file=sys.stderr)
+        print(f"zscir {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message (a KeyError's without the quotes repr adds)."""
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]
+    return str(err)
 
 
 if __name__ == "__main__":

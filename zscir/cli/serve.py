@@ -10,14 +10,16 @@ import sys
 from pathlib import Path
 
 from ..search import BACKENDS
-from .common import add_device_argument, add_model_argument, add_precision_argument, resolve_cli_precision, resolve_device
+from .common import (add_device_argument, add_model_argument, add_precision_argument, resolve_cli_precision,
+                     resolve_device, resolve_model)
 
 DEFAULT_SHAPES_QUERIES = 1000  # the demo's test set: a gallery of 4,853 images
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``zscir serve``."""
-    add_model_argument(parser, help="trained model folder (Composer.save_pretrained), e.g. zscir-demo/model")
+    add_model_argument(parser, help="trained model: a folder (Composer.save_pretrained), e.g. zscir-demo/model, or a "
+                       "Hub repo id user/name")
     gallery = parser.add_argument_group("gallery (give --index, --images or --shapes)")
     gallery.add_argument("--index", default=None,
                          help="index folder written by `zscir index`; with --images or --shapes: where to build the "
@@ -65,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
     limits = ServeLimits(max_k=args.max_k, max_text_chars=args.max_text_chars,
                          max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     precision, device = resolve_cli_precision(args), resolve_device(args)
-    if not (Path(args.model) / "config.json").is_file():
+    model_dir = resolve_model(args)
+    if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {args.model}: not a model folder (no config.json); `zscir demo` writes "
                                 "zscir-demo/model")
-    composer = Composer.from_pretrained(args.model, device=device)
+    composer = Composer.from_pretrained(model_dir, device=device)
     images = args.images
     if args.shapes is not None:
         images = shapes_gallery(args.shapes, seed=args.shapes_seed, progress=not args.no_progress)

@@ -7,19 +7,23 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..checkpoint import file_sha256
-from ..runs import data_fingerprint, folder_fingerprint
+from ..checkpoint import file_sha256, read_json
+from ..data.sources import is_dataset_source
+from ..data.triplets import ALLOWED_FIELDS as TRIPLET_FIELDS
+from ..runs import RunFolder, data_fingerprint, folder_fingerprint
 from ..train.bank import BankStageConfig
 from ..train.clip_pretrain import PRESETS
 from ..train.stage1 import STAGE1_LOSSES, Stage1Config
 from ..train.stage2 import Stage2Config
-from .common import (add_device_argument, add_model_argument, add_out_argument, add_precision_argument,
-                     add_train_arguments, open_training_run, resolve_cli_precision, resolve_device,
-                     train_config_from_args)
+from .common import (RESUME_FREE, SOURCE_HELP, add_again_arguments, add_cache_argument, add_data_arguments, add_device_argument,
+                     add_model_argument, add_out_argument, add_report_argument, add_train_arguments,
+                     add_train_precision_argument, check_report_to, columns_of, open_training_run,
+                     resolve_cli_precision, resolve_device, resolve_model, tracking, train_config_from_args)
+from .flags import add_old_spelling
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +33,33 @@ __all__ = [
     "stage1_config_from_args", "stage1_run", "stage2_add_arguments", "stage2_config_from_args", "stage2_run",
 ]
 
-#: `--model` name of the shapes world's trained tiny CLIP (`tiny-clip:PRESET` for another pretrain-clip preset).
+#: `--backbone` name of the shapes world's trained tiny CLIP (`tiny-clip:PRESET` for another pretrain-clip preset).
 TINY_CLIP = "tiny-clip"
 STAGE1_MODEL_CHOICES = (
-    "an open_clip name with its weights, --pretrained TAG or FILE (e.g. --model ViT-L-14 --pretrained openai); "
-    "a backbone or model folder; or tiny-clip[:PRESET], the shapes world's trained tiny CLIP (the cached "
-    "`zscir pretrain-clip --preset PRESET` model, PRESET default unless given; trained on first use)"
+    "an open_clip name with its weights, --pretrained TAG or FILE (e.g. --backbone ViT-L-14 --pretrained openai); "
+    "an open_clip Hub name hf-hub:org/repo; a backbone folder (zscir pretrain-clip); or tiny-clip[:PRESET], the "
+    "shapes world's trained tiny CLIP (the cached `zscir pretrain-clip --preset PRESET` model, PRESET default "
+    "unless given; trained on first use)"
 )
+#: Outputs of `pretrain-clip --out DIR` (a run folder like the other training commands').
+PRETRAIN_OUTPUTS = ("training", "backbone", "report.json", "logs")
+
+
+def _hub_datasets(*sources: Optional[str]) -> List[str]:
+    """The sources that are Hub data set ids (for the model card's metadata)."""
+    return [s for s in sources if isinstance(s, str) and not Path(s).exists() and is_dataset_source(s)]
+
+
+def _label(source: str, split: Optional[str]) -> str:
+    return f"{source} [{split}]" if split else source
+
+
+def _record_card(model_dir: Path, stage: str, summary: str, datasets: Sequence[str] = ()) -> None:
+    """Add this stage's training data to the model card of a folder a training command wrote."""
+    from ..hub import write_model_card
+
+    write_model_card(model_dir, read_json(model_dir / "config.json"), training_data={stage: summary},
+                     datasets=datasets)
 
 
 # ------------------------------------------------------------------------------------------ pretrain-clip
@@ -43,13 +67,17 @@ STAGE1_MODEL_CHOICES = (
 def pretrain_clip_add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI arguments of ``zscir pretrain-clip``."""
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="training budget preset")
-    add_out_argument(parser, "output folder (default: the user cache)", required=False)
+    add_out_argument(parser, "output folder (backbone in OUT/backbone; default: the zscir cache, where a run with "
+                     "the same settings is reused or continued)", required=False)
     parser.add_argument("--captions", default=None, help="JSONL of {image, caption} to train on instead of the shapes world")
     parser.add_argument("--image-root", default=None, help="folder the caption file's image paths are relative to")
     parser.add_argument("--steps", type=int, default=None, help="override the number of steps")
     parser.add_argument("--seed", type=int, default=0)
-    add_precision_argument(parser, "training (a precision other than no trains another cached model)")
-    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a state exists")
+    add_train_precision_argument(parser, "training (a precision other than no trains another cached model)")
+    add_report_argument(parser)
+    add_again_arguments(parser)
+    add_old_spelling(parser, "--no-resume", "--overwrite")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def pretrain_clip_run(args: argparse.Namespace) -> int:
@@ -57,16 +85,30 @@ def pretrain_clip_run(args: argparse.Namespace) -> int:
     from ..train.clip_pretrain import config_key, default_cache_dir, pretrain, pretrained_tiny_clip
 
     precision = resolve_cli_precision(args)
+    check_report_to(args)
     cfg = PRESETS[args.preset]
     cfg = dataclasses.replace(cfg, world_seed=args.seed, captions_file=args.captions, image_root=args.image_root,
                               train=dataclasses.replace(cfg.train, seed=args.seed, mixed_precision=precision,
                                                         steps=args.steps or cfg.train.steps))
     if args.out is None and args.captions is None and args.steps is None:
-        folder, report = pretrained_tiny_clip(args.preset, seed=args.seed, precision=precision)
-    else:
-        out = args.out or default_cache_dir() / "tiny_clip" / f"custom-{config_key(cfg)}"
-        report = pretrain(cfg, out, resume=not args.no_resume)
+        if args.resume or args.overwrite:
+            raise ValueError("--resume and --overwrite apply to --out DIR; the cached tiny CLIP is reused or "
+                             "continued by itself")
+        folder, report = pretrained_tiny_clip(args.preset, seed=args.seed, precision=precision,
+                                              progress=not args.no_progress)
+    elif args.out is None:  # a keyed cache entry: the same settings continue the same run
+        out = default_cache_dir() / "tiny_clip" / f"custom-{config_key(cfg)}"
+        with tracking(argparse.Namespace(report_to=args.report_to, out=out), {"preset": args.preset}):
+            report = pretrain(cfg, out, resume=True, progress=not args.no_progress)
         folder = out / "backbone"
+    else:
+        run = RunFolder(args.out, "pretrain-clip", {"config": cfg.to_dict()}, PRETRAIN_OUTPUTS, free=RESUME_FREE,
+                        info={"preset": args.preset, "captions": args.captions})
+        resume = run.open(resume=args.resume, overwrite=args.overwrite)
+        with tracking(args, {"preset": args.preset}):
+            report = pretrain(cfg, args.out, resume=resume, progress=not args.no_progress)
+        run.finish()
+        folder = args.out / "backbone"
     print(f"backbone folder: {folder}")
     ev = report.get("heldout_text_to_image")
     if ev:
@@ -79,19 +121,25 @@ def pretrain_clip_run(args: argparse.Namespace) -> int:
 def stage1_add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI arguments of ``zscir train-stage1``."""
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of unlabeled images (searched recursively)")
-    src.add_argument("--file-list", help="text file with one image path per line")
-    src.add_argument("--hf-dataset", help="Hugging Face datasets name or local path (image column: --image-column)")
+    src.add_argument("--images", metavar="SOURCE",
+                     help=f"unlabeled images: an image folder (searched recursively), a text file with one image "
+                          f"path per line, or a data set with an image column: {SOURCE_HELP}")
     src.add_argument("--shapes", type=int, metavar="N", help="N unlabeled images of the built-in shapes world")
-    parser.add_argument("--image-column", default="image")
+    add_old_spelling(src, "--file-list", "--images", parser=parser)
+    add_old_spelling(src, "--hf-dataset", "--images", parser=parser)
+    add_data_arguments(parser, ("image", "id"), "--images",
+                       image_root_help="folder that relative paths in a file list or a data set's image column "
+                                       "start from (default: the list's folder)")
+    parser.add_argument("--image-column", default=None, help=argparse.SUPPRESS)  # old spelling of --columns image=
     add_device_argument(parser, "feature caching")
-    add_model_argument(parser, f"the CLIP to train phi on (required): {STAGE1_MODEL_CHOICES}", required=False)
+    parser.add_argument("--backbone", default=None, help=f"the CLIP to train phi on (required): {STAGE1_MODEL_CHOICES}")
+    add_old_spelling(parser, "--model", "--backbone")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weight file (e.g. openai)")
     parser.add_argument("--random-init", action="store_true",
-                        help="the open_clip architecture --model names with random weights, seeded by --seed "
+                        help="the open_clip architecture --backbone names with random weights, seeded by --seed "
                              "(smoke tests only: nothing learnt on it transfers)")
     add_out_argument(parser, "output folder (model in OUT/model)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder")
+    add_cache_argument(parser, "--feature-cache", "Stage-I image feature cache (default: OUT/features)")
     parser.add_argument("--config", type=Path, default=None, help="Stage1Config JSON")
     add_train_arguments(parser)
     parser.add_argument("--num-tokens", type=int, default=None)
@@ -150,35 +198,46 @@ class Stage1Backbone:
 
 
 def stage1_backbone(model: Optional[str], pretrained: Optional[str], random_init: bool,
-                    precision: str = "no") -> Stage1Backbone:
-    """Check `--model` / `--pretrained` / `--random-init` of train-stage1: one clear error listing the choices."""
+                    precision: str = "no", flag: str = "--backbone") -> Stage1Backbone:
+    """Check `--backbone` / `--pretrained` / `--random-init` of train-stage1: one clear error listing the choices."""
     if not model:
-        raise ValueError(f"--model is required: {STAGE1_MODEL_CHOICES}; or --random-init with an open_clip name "
+        raise ValueError(f"{flag} is required: {STAGE1_MODEL_CHOICES}; or --random-init with an open_clip name "
                          "for random weights (smoke tests only)")
     name, _, preset = model.partition(":")
     if name == TINY_CLIP:
         preset = preset or "default"
         if preset not in PRESETS:
-            raise ValueError(f"--model {model}: unknown tiny-CLIP preset {preset!r}; choose one of {sorted(PRESETS)}")
+            raise ValueError(f"{flag} {model}: unknown tiny-CLIP preset {preset!r}; choose one of {sorted(PRESETS)}")
         if pretrained or random_init:
-            raise ValueError(f"--model {model} is a trained model: it takes neither --pretrained nor --random-init")
+            raise ValueError(f"{flag} {model} is a trained model: it takes neither --pretrained nor --random-init")
         return Stage1Backbone(model, tiny_preset=preset,
                               settings={"tiny_clip": preset, "tiny_clip_precision": precision})
     if Path(model).is_dir():
         if pretrained or random_init:
-            raise ValueError(f"--model {model} is a folder with its own weights: it takes neither --pretrained "
+            raise ValueError(f"{flag} {model} is a folder with its own weights: it takes neither --pretrained "
                              "nor --random-init")
         return Stage1Backbone(model, settings={"folder": folder_fingerprint(Path(model))})
     if model.startswith("hf-hub:"):  # open_clip fetches these with their weights
-        return Stage1Backbone(model, pretrained, settings={"name": model, "weights": pretrained or "hf-hub"})
+        if pretrained or random_init:
+            raise ValueError(f"{flag} {model} brings its weights from the Hub: it takes neither --pretrained nor "
+                             "--random-init")
+        return Stage1Backbone(model, settings={"name": model, "weights": "hf-hub"})
     if os.sep in model or model.startswith("."):
-        raise FileNotFoundError(f"--model {model}: folder not found ({STAGE1_MODEL_CHOICES})")
+        raise FileNotFoundError(f"{flag} {model}: folder not found ({STAGE1_MODEL_CHOICES})")
+    import open_clip
+
+    if model not in open_clip.list_models():  # before any data is read
+        import difflib
+
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=3)
+        raise ValueError(f"{flag} {model}: not an open_clip architecture" + (f" (did you mean {close}?)" if close
+                         else " (open_clip.list_models() lists them)") + f"; other choices: {STAGE1_MODEL_CHOICES}")
     if random_init and pretrained:
         raise ValueError("--random-init and --pretrained exclude each other")
     if random_init:
         return Stage1Backbone(model, random_init=True, settings={"name": model, "weights": "random"})
     if not pretrained:
-        raise ValueError(f"--model {model} names an open_clip architecture without weights: add --pretrained TAG "
+        raise ValueError(f"{flag} {model} names an open_clip architecture without weights: add --pretrained TAG "
                          "or FILE (e.g. openai; open_clip.list_pretrained() lists the tags), or --random-init for "
                          f"random weights seeded by --seed (smoke tests only). Other choices: {STAGE1_MODEL_CHOICES}")
     weights = f"sha256:{file_sha256(pretrained)}" if Path(pretrained).is_file() else pretrained
@@ -186,18 +245,18 @@ def stage1_backbone(model: Optional[str], pretrained: Optional[str], random_init
 
 
 def _stage1_images(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
-    """The unlabeled images of --images / --file-list / --hf-dataset, and their "data" settings entry."""
-    from ..data import images as img
+    """The unlabeled images of --images (folder, file list or data set), and their "data" settings entry."""
+    from ..data.images import PathSource
+    from ..data.sources import open_images
 
-    if args.images or args.file_list:
-        paths = img.list_images(args.images) if args.images else img.read_file_list(args.file_list)
+    columns = columns_of(args, ("image", "id"))
+    if args.image_column:
+        columns.setdefault("image", args.image_column)
+    data = open_images(args.images, split=args.split, columns=columns, image_root=args.image_root)
+    if isinstance(data.source, PathSource):  # the fingerprint runs recorded before data sets were sources
+        paths = data.source.paths
         return paths, {"images": len(paths), "sha256": data_fingerprint([os.path.abspath(p) for p in paths])}
-    import datasets
-
-    ds = datasets.load_dataset(args.hf_dataset, split="train") if not Path(args.hf_dataset).is_dir() \
-        else datasets.load_from_disk(args.hf_dataset)
-    source = img.hf_image_source(ds, image_column=args.image_column)
-    return source, {"images": len(source), "hf_fingerprint": source.fingerprint()}
+    return data.source, {"images": len(data.source), "hf_fingerprint": data.source.fingerprint()}
 
 
 def stage1_run(args: argparse.Namespace) -> int:
@@ -207,15 +266,16 @@ def stage1_run(args: argparse.Namespace) -> int:
     from ..train.stage1 import train_stage1
 
     cfg = stage1_config_from_args(args)
-    backbone = stage1_backbone(args.model, args.pretrained, args.random_init, cfg.train.mixed_precision)
+    check_report_to(args)
+    backbone = stage1_backbone(args.backbone, args.pretrained, args.random_init, cfg.train.mixed_precision)
     source, data = (None, {"shapes": args.shapes}) if args.shapes else _stage1_images(args)
     concepts = None
     if args.concepts:
         concepts = [w.strip() for w in args.concepts.read_text().splitlines() if w.strip()]
     settings = {"config": cfg.to_dict(), "model": backbone.settings, "data": data,
                 "concepts": data_fingerprint(concepts) if concepts else None}
-    data_arg = args.images or args.file_list or args.hf_dataset
-    run, resume = open_training_run(args, "train-stage1", settings, info={"model": args.model, "data": data_arg})
+    run, resume = open_training_run(args, "train-stage1", settings,
+                                    info={"backbone": args.backbone, "data": args.images})
     composer = backbone.load(cfg.phi, resolve_device(args), cfg.train.mixed_precision, not args.no_progress,
                              cfg.train.seed)
     cfg = dataclasses.replace(cfg, phi=composer.phi.config)
@@ -227,13 +287,17 @@ def stage1_run(args: argparse.Namespace) -> int:
                                    progress=not args.no_progress, precision=cfg.train.mixed_precision)
         concepts = concepts or world.concept_phrases()
     else:
-        cache_dir = args.cache_dir or args.out / "features"
+        cache_dir = args.feature_cache or args.out / "features"
         cache = FeatureCache.build(composer.backbone, source, cache_dir, patch_grid=composer.phi.config.patch_grid,
                                    progress=not args.no_progress, precision=cfg.train.mixed_precision)
         features = FeatureSource.from_cache(cache)
-    train_stage1(composer, features, cfg, output_dir=args.out, concepts=concepts, resume=resume,
-                 progress=not args.no_progress)
+    with tracking(args, settings):
+        train_stage1(composer, features, cfg, output_dir=args.out, concepts=concepts, resume=resume,
+                     progress=not args.no_progress)
     if run is not None:
+        summary = (f"{args.shapes} shapes-world images" if args.shapes else
+                   f"{data['images']} unlabeled images from {_label(args.images, args.split)}")
+        _record_card(args.out / "model", "stage1", summary, _hub_datasets(args.images))
         run.finish()
     print(f"stage I model: {args.out / 'model'}")
     return 0
@@ -241,40 +305,68 @@ def stage1_run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------- train-stage2
 
+TRIPLET_COLUMNS = tuple(TRIPLET_FIELDS) + ("image",)  # image: the image column of a --corpus data set
+
+
 def _add_triplet_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--triplets` and `--image-root` (train-stage2, train-bank)."""
-    parser.add_argument("--triplets", required=True, help="triplets (.jsonl, .csv, or a Hugging Face dataset path)")
-    parser.add_argument("--image-root", default=None, help="folder the triplet image paths are relative to")
+    """`--triplets`, `--split`, `--columns`, `--image-root` and `--corpus` (train-stage2, train-bank)."""
+    parser.add_argument("--triplets", required=True, metavar="SOURCE",
+                        help=f"triplets: a .jsonl / .csv file (zscir.data.triplets) or a data set with triplet "
+                             f"columns: {SOURCE_HELP}")
+    add_data_arguments(parser, TRIPLET_COLUMNS, "--triplets (and --corpus)",
+                       image_root_help="folder the triplet image paths are relative to (default: the file's folder)")
+
+
+def _add_corpus_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--corpus", default=None, metavar="SOURCE", help=f"{help}: an image folder, a file list or "
+                        "a data set with an image column (--columns image=COLUMN)")
 
 
 def _load_triplets(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     """The triplet set of `--triplets` and its "triplets" settings entry (a fingerprint of the rows)."""
     from ..data.triplets import load_triplets
 
-    triplets = load_triplets(args.triplets, image_root=args.image_root)
+    columns = {k: v for k, v in columns_of(args, TRIPLET_COLUMNS).items() if k != "image"}
+    triplets = load_triplets(args.triplets, image_root=args.image_root, split=args.split, columns=columns)
     rows = [json.dumps(t.to_dict(), sort_keys=True) for t in triplets]
     return triplets, {"rows": len(rows), "sha256": data_fingerprint(rows)}
 
 
-def _corpus_settings(folder: Optional[str]) -> Optional[Dict[str, Any]]:
-    """The "corpus" settings entry of `--corpus` (a fingerprint of its image list), None without one."""
-    if not folder:
-        return None
-    from ..data.images import list_images
+def _corpus(args: argparse.Namespace) -> Tuple[Any, Optional[Dict[str, Any]]]:
+    """The images of `--corpus` and its "corpus" settings entry (a fingerprint of its image list); None without one."""
+    if not args.corpus:
+        return None, None
+    from ..data.images import PathSource
+    from ..data.sources import open_images
 
-    paths = [os.path.abspath(p) for p in list_images(folder)]
-    return {"images": len(paths), "sha256": data_fingerprint(paths)}
+    image = columns_of(args, TRIPLET_COLUMNS).get("image")
+    data = open_images(args.corpus, split=args.split if is_dataset_source(args.corpus) else None,
+                       columns={"image": image} if image and is_dataset_source(args.corpus) else None)
+    if isinstance(data.source, PathSource):  # the fingerprint runs recorded before data sets were sources
+        paths = [os.path.abspath(p) for p in data.source.paths]
+        return data, {"images": len(paths), "sha256": data_fingerprint(paths)}
+    return data, {"images": len(data.ids), "hf_fingerprint": data.source.fingerprint()}
 
 
-def _open_triplet_run(args: argparse.Namespace, command: str, cfg: Any,
-                      triplet_settings: Dict[str, Any]) -> Tuple[Any, bool]:
+def _corpus_images(data: Any) -> Any:
+    """What corpus_features reads: the paths of a folder or list, the source itself for a data set."""
+    from ..data.images import PathSource
+
+    return list(data.source.paths) if isinstance(data.source, PathSource) else data.source
+
+
+def _open_triplet_run(args: argparse.Namespace, command: str, cfg: Any, model_dir: Path,
+                      triplet_settings: Dict[str, Any], corpus_settings: Optional[Dict[str, Any]]) -> Tuple[Any, bool]:
     """The run in --out of a command trained on triplets (train-stage2, train-bank); and whether it resumes."""
-    if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model {args.model}: model folder not found")
-    settings = {"config": cfg.to_dict(), "model": {"folder": folder_fingerprint(Path(args.model))},
-                "triplets": triplet_settings, "corpus": _corpus_settings(args.corpus)}
+    settings = {"config": cfg.to_dict(), "model": {"folder": folder_fingerprint(model_dir)},
+                "triplets": triplet_settings, "corpus": corpus_settings}
     return open_training_run(args, command, settings,
                              info={"model": args.model, "triplets": args.triplets, "corpus": args.corpus})
+
+
+def _triplet_summary(args: argparse.Namespace, triplets: Any) -> str:
+    corpus = f"; negatives from {args.corpus}" if args.corpus else ""
+    return f"{len(triplets)} triplets from {_label(args.triplets, args.split)}{corpus}"
 
 
 def _encode_triplets(composer: Any, triplets: Any, args: argparse.Namespace, precision: str) -> Tuple[Any, Any]:
@@ -288,7 +380,7 @@ def _encode_triplets(composer: Any, triplets: Any, args: argparse.Namespace, pre
 
 def stage2_add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI arguments of ``zscir train-stage2``."""
-    add_model_argument(parser, "Stage-I model folder")
+    add_model_argument(parser, "Stage-I model: a folder (zscir train-stage1 OUT/model) or Hub repo id user/name")
     _add_triplet_arguments(parser)
     add_device_argument(parser, "feature encoding")
     add_out_argument(parser, "output folder (model in OUT/model)")
@@ -296,8 +388,11 @@ def stage2_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", choices=["bottleneck", "lora", "full"], default=None)
     parser.add_argument("--adapter-layers", type=int, default=None)
     parser.add_argument("--adapter-rank", type=int, default=None)
-    parser.add_argument("--components", default=None, help="comma-separated Stage-II components, e.g. reference,query_negative")
-    parser.add_argument("--corpus", default=None, help="image folder whose features serve as mined/bank negatives")
+    parser.add_argument("--components", default=None,
+                        help="comma-separated Stage-II components, e.g. reference,query_negative (default: the "
+                             "config's, query_negative,text_augment)")
+    _add_corpus_argument(parser, "images whose features serve as mined/bank negatives")
+    add_cache_argument(parser, "--feature-cache", "feature cache of the --corpus images (default: OUT/features)")
     parser.add_argument("--train-phi", action=argparse.BooleanOptionalAction, default=None,
                         help="train phi with the adapters (default: the config's, on)")
     add_train_arguments(parser)
@@ -316,9 +411,16 @@ def stage2_config_from_args(args: argparse.Namespace) -> Stage2Config:
         ad = dataclasses.replace(ad, rank=args.adapter_rank)
     cfg = dataclasses.replace(cfg, train=train, adapters=ad)
     if args.components is not None:
-        cfg = dataclasses.replace(cfg, components=tuple(c for c in args.components.split(",") if c))
+        cfg = dataclasses.replace(cfg, components=tuple(c.strip() for c in args.components.split(",") if c.strip()))
     if args.train_phi is not None:
         cfg = dataclasses.replace(cfg, train_phi=args.train_phi)
+    from ..train.components import STAGE2_COMPONENTS
+
+    for name in cfg.components:  # unknown names fail here, before any triplet is encoded
+        try:
+            STAGE2_COMPONENTS.get(name)
+        except KeyError as err:
+            raise ValueError(f"--components: {err.args[0]}") from None
     return cfg
 
 
@@ -329,18 +431,24 @@ def stage2_run(args: argparse.Namespace) -> int:
     from ..train.stage2 import train_stage2
 
     cfg = stage2_config_from_args(args)
+    check_report_to(args)
+    model_dir = resolve_model(args)
     triplets, triplet_settings = _load_triplets(args)
-    run, resume = _open_triplet_run(args, "train-stage2", cfg, triplet_settings)
-    composer = Composer.from_pretrained(args.model, device=resolve_device(args))
+    corpus_data, corpus_settings = _corpus(args)
+    run, resume = _open_triplet_run(args, "train-stage2", cfg, model_dir, triplet_settings, corpus_settings)
+    composer = Composer.from_pretrained(model_dir, device=resolve_device(args))
     _, feats = _encode_triplets(composer, triplets, args, cfg.train.mixed_precision)
     corpus = None
-    if args.corpus:
+    if corpus_data is not None:
         # cached on disk; corrupt corpus images are logged and skipped
-        corpus = Corpus(*corpus_features(composer, args.corpus, args.out / "features", progress=not args.no_progress,
-                                         precision=cfg.train.mixed_precision))
-    train_stage2(composer, feats, cfg, corpus=corpus, output_dir=args.out, resume=resume,
-                 progress=not args.no_progress)
+        corpus = Corpus(*corpus_features(composer, _corpus_images(corpus_data), args.feature_cache or args.out / "features",
+                                         progress=not args.no_progress, precision=cfg.train.mixed_precision))
+    with tracking(args, {"config": cfg.to_dict()}):
+        train_stage2(composer, feats, cfg, corpus=corpus, output_dir=args.out, resume=resume,
+                     progress=not args.no_progress)
     if run is not None:
+        _record_card(args.out / "model", "stage2", _triplet_summary(args, triplets),
+                     _hub_datasets(args.triplets, args.corpus))
         run.finish()
     print(f"stage II model: {args.out / 'model'}")
     return 0
@@ -350,10 +458,10 @@ def stage2_run(args: argparse.Namespace) -> int:
 
 def bank_add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI arguments of ``zscir train-bank``."""
-    add_model_argument(parser, "Stage-II model folder (from zscir train-stage2)")
+    add_model_argument(parser, "Stage-II model: a folder (zscir train-stage2 OUT/model) or Hub repo id user/name")
     _add_triplet_arguments(parser)
-    parser.add_argument("--corpus", default=None, help="image folder added to the bank (gallery or training images)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache of the corpus (default: OUT/features)")
+    _add_corpus_argument(parser, "images added to the bank (gallery or training images)")
+    add_cache_argument(parser, "--feature-cache", "feature cache of the --corpus images (default: OUT/features)")
     add_out_argument(parser, "output folder (model in OUT/model)")
     parser.add_argument("--config", type=Path, default=None, help="BankStageConfig JSON")
     parser.add_argument("--negatives", type=int, default=None, help="bank negatives per step; 0 = the whole bank")
@@ -388,23 +496,29 @@ def bank_run(args: argparse.Namespace) -> int:
     from ..train.features import corpus_features
 
     cfg = bank_config_from_args(args)
+    check_report_to(args)
+    model_dir = resolve_model(args)
     triplets, triplet_settings = _load_triplets(args)
-    composer = Composer.from_pretrained(args.model, device=resolve_device(args))
+    corpus_data, corpus_settings = _corpus(args)
+    composer = Composer.from_pretrained(model_dir, device=resolve_device(args))
     if composer.config.adapters is None:
         raise ValueError(f"{args.model}: not a Stage-II model (no adapters); run zscir train-stage2 first")
-    run, resume = _open_triplet_run(args, "train-bank", cfg, triplet_settings)
+    run, resume = _open_triplet_run(args, "train-bank", cfg, model_dir, triplet_settings, corpus_settings)
     triplets, feats = _encode_triplets(composer, triplets, args, cfg.train.mixed_precision)
     parts: List[Tuple[torch.Tensor, List[str]]] = []
-    if args.corpus:
-        parts.append(corpus_features(composer, args.corpus, args.cache_dir or args.out / "features",
+    if corpus_data is not None:
+        parts.append(corpus_features(composer, _corpus_images(corpus_data), args.feature_cache or args.out / "features",
                                      progress=not args.no_progress, precision=cfg.train.mixed_precision))
     if cfg.include_triplet_images:
         parts.extend(triplet_bank_parts(feats, [bool(r.target) for r in triplets]))
     bank = build_bank(parts, cfg.dedup_threshold, progress=not args.no_progress)
     total = sum(len(p[0]) for p in parts)
     print(f"bank: {len(bank.ids)} images after deduplication ({total - len(bank.ids)} merged at cosine >= {cfg.dedup_threshold})")
-    train_bank(composer, feats, bank, cfg, output_dir=args.out, resume=resume, progress=not args.no_progress)
+    with tracking(args, {"config": cfg.to_dict()}):
+        train_bank(composer, feats, bank, cfg, output_dir=args.out, resume=resume, progress=not args.no_progress)
     if run is not None:
+        _record_card(args.out / "model", "bank", _triplet_summary(args, triplets),
+                     _hub_datasets(args.triplets, args.corpus))
         run.finish()
     print(f"bank-stage model: {args.out / 'model'}")
     return 0

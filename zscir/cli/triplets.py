@@ -11,7 +11,8 @@ import torch
 from ..checkpoint import load_tensors
 from ..data.schema import PathLike
 from ..data.triplet_gen import GENERATION_MODES, OUTPUT_NAME, TripletGenConfig, make_triplets
-from .common import add_out_argument
+from ..data.triplet_gen.corpus import CAPTION_FIELDS
+from .common import SOURCE_HELP, add_data_arguments, add_out_argument, columns_of
 
 
 def _import_callable(spec: str, what: str) -> Callable[..., Any]:
@@ -46,8 +47,12 @@ def _load_embeddings(path: PathLike) -> torch.Tensor:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``zscir make-triplets``."""
     add_out_argument(parser, "output folder (gets triplets.jsonl and make_triplets.json)")
-    parser.add_argument("--captions", help='image-caption corpus: JSONL with {"image": path, "caption": text} per line')
-    parser.add_argument("--image-root", help="folder the corpus image paths are relative to (default: the captions file's folder)")
+    parser.add_argument("--captions", metavar="SOURCE",
+                        help='image-caption corpus: JSONL with {"image": path, "caption": text} per line, or a data '
+                             f"set with image-path and caption columns: {SOURCE_HELP}")
+    add_data_arguments(parser, CAPTION_FIELDS, "--captions",
+                       image_root_help="folder the corpus image paths are relative to (default: the captions "
+                                       "file's folder)")
     parser.add_argument("--modes", default="", help=f"comma-separated modes out of {GENERATION_MODES.names()} "
                         "(default: every mode whose input is given)")
     parser.add_argument("--lexicon", help="word-class lexicon JSON (default: zscir/assets/lexicon.json)")
@@ -77,11 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate a triplet set from the parsed command-line arguments and print counts."""
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    for mode in modes:  # unknown names fail before the corpus is read
+        GENERATION_MODES.get(mode)
     config = TripletGenConfig(
         captions=args.captions,
         image_root=args.image_root,
         lexicon=args.lexicon,
-        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        modes=modes,
         seed=args.seed,
         max_triplets=args.max_triplets,
         edits_per_caption=args.edits_per_caption,
@@ -95,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         negatives=args.negatives,
         negative_lo=args.negative_band[0],
         negative_hi=args.negative_band[1],
+        split=args.split,
+        columns=columns_of(args, CAPTION_FIELDS),
     )
     embeddings = _load_embeddings(args.embeddings) if args.embeddings else None
     editor = _import_callable(args.text_editor, "--text-editor") if args.text_editor else None

@@ -437,7 +437,8 @@ class PathSource(ImageSource):
 class HFImageSource(ImageSource):
     """Images in one column of a map-style Hugging Face ``datasets.Dataset``, decoded by :func:`load_image`."""
 
-    def __init__(self, dataset: Any, image_column: str = "image", load_kwargs: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, dataset: Any, image_column: str = "image", load_kwargs: Optional[Dict[str, Any]] = None,
+                 root: Optional[PathLike] = None) -> None:
         import datasets
 
         if isinstance(dataset, (datasets.IterableDataset, datasets.IterableDatasetDict)):
@@ -454,6 +455,11 @@ class HFImageSource(ImageSource):
         self.dataset = ds
         self.column = image_column
         self.load_kwargs = dict(load_kwargs or {})
+        self.root = Path(root) if root is not None else None  # relative image paths stored in the column
+
+    def _path(self, item: Union[str, os.PathLike]) -> Path:
+        path = Path(item)
+        return path if path.is_absolute() or self.root is None else self.root / path
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -500,10 +506,10 @@ class HFImageSource(ImageSource):
             if data is not None:
                 return load_image(data, name=f"{label}:{path}" if path else label, **self.load_kwargs)
             if path:
-                return load_image(path, **self.load_kwargs)
+                return load_image(self._path(path), **self.load_kwargs)
             raise ImageLoadError(label, "item has neither bytes nor a path")
         if isinstance(item, (str, os.PathLike)):
-            return load_image(item, **self.load_kwargs)
+            return load_image(self._path(item), **self.load_kwargs)
         if item is None:
             raise ImageLoadError(label, "missing image (None)")
         raise ImageLoadError(label, f"unsupported item type {type(item).__name__}")
@@ -538,6 +544,35 @@ class SliceSource(ImageSource):
     def fingerprint(self) -> str:
         """Digest of the base fingerprint and the slice bounds."""
         return hashlib.sha256(f"{self.base.fingerprint()}[{self.start}:{self.stop}]".encode()).hexdigest()
+
+
+class SubsetSource(ImageSource):
+    """Images at given positions of another source, re-indexed from 0 (e.g. the ones an index still lacks)."""
+
+    def __init__(self, base: ImageSource, indices: Sequence[int]) -> None:
+        self.base, self.indices = base, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> Image.Image:
+        """Decode image `indices[index]` of the base source."""
+        return self.base.load(self.indices[index])
+
+    def describe(self, index: int) -> str:
+        """Label of image `indices[index]` of the base source."""
+        return self.base.describe(self.indices[index])
+
+    def fingerprint(self) -> str:
+        """Digest of the base fingerprint and the positions."""
+        return hashlib.sha256(f"{self.base.fingerprint()}{self.indices}".encode()).hexdigest()
+
+
+def subset(images: Union["ImageSource", Sequence[PathLike]], indices: Sequence[int]) -> Union["ImageSource", List]:
+    """The images at `indices`: a list for a list of paths, a :class:`SubsetSource` for a source."""
+    if isinstance(images, ImageSource):
+        return SubsetSource(images, indices)
+    return [images[i] for i in indices]
 
 
 def hf_image_source(dataset: Any, image_column: str = "image", **load_kwargs: Any) -> HFImageSource:

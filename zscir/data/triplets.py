@@ -10,10 +10,16 @@ A triplet set is read from one of three formats, all with the same fields:
 
 * **CSV** (``.csv``) with a header row naming the fields; empty cells are absent values;
   a ``negatives`` cell holds a JSON array or ``|``-separated values.
-* **Hugging Face** ``datasets.Dataset`` (or a name / ``save_to_disk`` folder) with those
-  columns; image columns may hold paths or images (``datasets.Image`` features, PIL
-  images or encoded bytes), which are kept in memory and referred to by a
-  content id ``mem:<hash>``; ``negatives`` is a list column (of strings or images) or a string column.
+* **Hugging Face** ``datasets.Dataset`` / ``DatasetDict`` (or any data set source of
+  :mod:`zscir.data.sources`: a ``save_to_disk`` folder, a ``.parquet`` file, a Hub id
+  ``user/name``; `split` picks the split) with those columns; image columns may hold paths or
+  images (``datasets.Image`` features, PIL images or encoded bytes), which are kept in memory and
+  referred to by a content id ``mem:<hash>``; ``negatives`` is a list column (of strings or images)
+  or a string column.
+
+Other field names map onto these with `columns` ({field: name in the file}, the CLI's
+``--columns reference=src,modification=text``) in every format; for data sets, a mapping also
+selects the columns read (others are ignored).
 
 Fields (strict: any other field is an error): ``reference`` (required),
 ``modification`` (required, not blank), ``target`` (image), ``target_caption``,
@@ -51,6 +57,7 @@ from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..registry import Registry
 from .schema import FileChecker
 from .images import ImageSource, load_image, to_rgb
+from .sources import COLUMNS_FLAG, DATA_FILE_SUFFIXES, is_dataset_source, load_dataset_source, map_columns
 
 logger = logging.getLogger(__name__)
 
@@ -536,25 +543,31 @@ class TripletSet(SequenceABC):
 
     # loaders
     @classmethod
-    def from_jsonl(cls, path: PathLike, image_root: Optional[PathLike] = None, check_images: bool = True) -> "TripletSet":
+    def from_jsonl(cls, path: PathLike, image_root: Optional[PathLike] = None, check_images: bool = True,
+                   columns: Optional[Dict[str, str]] = None) -> "TripletSet":
         """Read JSON lines (or a JSON array) of triplet objects, validating every row."""
-        return _load_jsonl(Path(path), image_root, check_images)
+        return _load_jsonl(Path(path), image_root, check_images, columns)
 
     @classmethod
-    def from_csv(cls, path: PathLike, image_root: Optional[PathLike] = None, check_images: bool = True) -> "TripletSet":
+    def from_csv(cls, path: PathLike, image_root: Optional[PathLike] = None, check_images: bool = True,
+                 columns: Optional[Dict[str, str]] = None) -> "TripletSet":
         """Read a CSV file whose header row names the triplet fields, validating every row."""
-        return _load_csv(Path(path), image_root, check_images)
+        return _load_csv(Path(path), image_root, check_images, columns)
 
     @classmethod
     def from_hf(
         cls,
         dataset_or_name: Any,
-        split: str = "train",
+        split: Optional[str] = None,
         image_root: Optional[PathLike] = None,
         check_images: bool = True,
+        columns: Optional[Dict[str, str]] = None,
     ) -> "TripletSet":
-        """Read a Hugging Face dataset (object, hub name or ``save_to_disk`` folder) with triplet columns."""
-        return _load_hf(dataset_or_name, split, image_root, check_images)
+        """Read a Hugging Face data set (object, Hub id, ``save_to_disk`` folder, data file) with triplet columns.
+
+        `split` picks a split of a DatasetDict (default ``train``, or the only one).
+        """
+        return _load_hf(dataset_or_name, split, image_root, check_images, columns)
 
 
 # ---------------------------------------------------------------------- parsing
@@ -592,6 +605,21 @@ def _csv_negatives(cell: str, at: str, problems: List[str]) -> Any:
             problems.append(f"{at}: field 'negatives' is not a valid JSON array ({err.msg} at column {err.colno})")
             return None
     return [part.strip() for part in text.split("|")]
+
+
+def _renamed(row: Any, columns: Optional[Dict[str, str]], at: str, problems: List[str]) -> Any:
+    """A raw row with its mapped names (`columns`: field -> name in the file) renamed to the fields."""
+    if not columns or not isinstance(row, dict):
+        return row
+    out = dict(row)
+    for field, name in columns.items():
+        if name == field:
+            continue
+        if name in out:
+            out[field] = out.pop(name)
+        elif field in REQUIRED_FIELDS:
+            problems.append(f"{at}: no field {name!r} (mapped to {field!r} by {COLUMNS_FLAG})")
+    return out
 
 
 def _row_to_triplet(row: Dict[str, Any], at: str, line: int, problems: List[str]) -> Optional[Triplet]:
@@ -669,7 +697,8 @@ def _read_lines(path: Path) -> List[Tuple[int, str]]:
     return out
 
 
-def _load_jsonl(path: Path, image_root: Optional[PathLike], check_images: bool) -> TripletSet:
+def _load_jsonl(path: Path, image_root: Optional[PathLike], check_images: bool,
+                columns: Optional[Dict[str, str]] = None) -> TripletSet:
     lines = _read_lines(path)
     root = Path(image_root) if image_root is not None else path.parent
     problems: List[str] = []
@@ -682,7 +711,8 @@ def _load_jsonl(path: Path, image_root: Optional[PathLike], check_images: bool) 
         if not isinstance(items, list):
             raise TripletFileError(str(path), [f"{path}: expected a JSON array of objects"])
         for index, item in enumerate(items, 1):
-            t = _row_to_triplet(item, f"{path}: item {index}", index, problems)
+            at = f"{path}: item {index}"
+            t = _row_to_triplet(_renamed(item, columns, at, problems), at, index, problems)
             if t is not None:
                 triplets.append(t)
         where = lambda t: f"{path}: item {t.line}"  # noqa: E731
@@ -694,7 +724,7 @@ def _load_jsonl(path: Path, image_root: Optional[PathLike], check_images: bool) 
         except json.JSONDecodeError as err:
             problems.append(f"{at}: invalid JSON ({err.msg} at column {err.colno})")
             continue
-        t = _row_to_triplet(row, at, lineno, problems)
+        t = _row_to_triplet(_renamed(row, columns, at, problems), at, lineno, problems)
         if t is not None:
             triplets.append(t)
     return _finish(triplets, problems, str(path), root, check_images)
@@ -717,7 +747,8 @@ def _check_columns(columns: Sequence[str], at: str) -> List[str]:
     return problems
 
 
-def _load_csv(path: Path, image_root: Optional[PathLike], check_images: bool) -> TripletSet:
+def _load_csv(path: Path, image_root: Optional[PathLike], check_images: bool,
+              columns: Optional[Dict[str, str]] = None) -> TripletSet:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
@@ -733,6 +764,14 @@ def _load_csv(path: Path, image_root: Optional[PathLike], check_images: bool) ->
         raise TripletFileError(str(path), [f"{path}: empty file (expected a header row with {list(ALLOWED_FIELDS)})"]) from None
     except csv.Error as err:
         raise TripletFileError(str(path), [f"{path}:1: unreadable CSV header ({err})"]) from None
+    if columns:
+        absent = [f"{name!r} (mapped to {field!r} by {COLUMNS_FLAG})" for field, name in columns.items()
+                  if name not in header]
+        if absent:
+            raise TripletFileError(str(path), [f"{path}:1 (header): no column {', '.join(absent)}; its columns: "
+                                               f"{header}"])
+        renames = {name: field for field, name in columns.items()}
+        header = [renames.get(h, h) for h in header]
     header_problems = _check_columns(header, f"{path}:1 (header)")
     if header_problems:
         raise TripletFileError(str(path), header_problems)
@@ -763,32 +802,6 @@ def _load_csv(path: Path, image_root: Optional[PathLike], check_images: bool) ->
     return _finish(triplets, problems, str(path), root, check_images)
 
 
-def _hf_dataset(dataset_or_name: Any, split: str) -> Tuple[Any, str]:
-    """Resolve a Dataset / DatasetDict / saved folder / hub name to one map-style split and a label."""
-    import datasets
-
-    label = f"dataset[{split}]"
-    obj = dataset_or_name
-    if isinstance(obj, (str, os.PathLike)):
-        label = f"{obj}[{split}]"
-        if Path(obj).is_dir() and (
-            (Path(obj) / "dataset_info.json").exists() or (Path(obj) / "dataset_dict.json").exists()
-            or (Path(obj) / "state.json").exists()
-        ):
-            obj = datasets.load_from_disk(str(obj))
-        else:
-            obj = datasets.load_dataset(str(obj), split=split)
-    if isinstance(obj, (datasets.IterableDataset, datasets.IterableDatasetDict)):
-        raise TypeError("TripletSet.from_hf needs a map-style datasets.Dataset, not a streaming IterableDataset")
-    if isinstance(obj, datasets.DatasetDict):
-        if split not in obj:
-            raise KeyError(f"{label}: no split {split!r}; splits: {sorted(obj)}")
-        obj = obj[split]
-    if not isinstance(obj, datasets.Dataset):
-        raise TypeError(f"expected a datasets.Dataset, DatasetDict, folder or name, got {type(obj).__name__}")
-    return obj, label
-
-
 def _hf_image_value(value: Any, what: str, memory: Dict[str, MemoryImage], problems: List[str],
                     empty: Optional[str] = None) -> Any:
     """A dataset image cell as a reference: images and bytes kept in `memory` under a ``mem:`` id, paths as strings.
@@ -811,10 +824,13 @@ def _hf_image_value(value: Any, what: str, memory: Dict[str, MemoryImage], probl
     return value
 
 
-def _load_hf(dataset_or_name: Any, split: str, image_root: Optional[PathLike], check_images: bool) -> TripletSet:
+def _load_hf(dataset_or_name: Any, split: Optional[str], image_root: Optional[PathLike], check_images: bool,
+             columns: Optional[Dict[str, str]] = None) -> TripletSet:
     import datasets
 
-    ds, label = _hf_dataset(dataset_or_name, split)
+    ds, label = load_dataset_source(dataset_or_name, split, what="triplets")
+    if columns:
+        ds = map_columns(ds, columns, label, ALLOWED_FIELDS)
     header = _check_columns(ds.column_names, f"{label} (columns)")
     if header:
         raise TripletFileError(label, header)
@@ -846,20 +862,23 @@ def _load_hf(dataset_or_name: Any, split: str, image_root: Optional[PathLike], c
 
 # ---------------------------------------------------------------------- dispatch
 class TripletFormat(NamedTuple):
-    """A triplet source format: the file suffixes it claims and its loader."""
+    """A triplet source format: the file suffixes it claims and its loader (source, root, check, split, columns)."""
 
     suffixes: Tuple[str, ...]
     load: Callable[..., TripletSet]
 
 
 TRIPLET_FORMATS: Registry[TripletFormat] = Registry("triplet format")
-TRIPLET_FORMATS.add("jsonl", TripletFormat((".jsonl", ".json"), lambda src, root, check, split: _load_jsonl(Path(src), root, check)))
-TRIPLET_FORMATS.add("csv", TripletFormat((".csv",), lambda src, root, check, split: _load_csv(Path(src), root, check)))
-TRIPLET_FORMATS.add("hf", TripletFormat((), lambda src, root, check, split: _load_hf(src, split, root, check)))
+TRIPLET_FORMATS.add("jsonl", TripletFormat((".jsonl", ".json"), lambda src, root, check, split, columns:
+                                           _load_jsonl(Path(src), root, check, columns)))
+TRIPLET_FORMATS.add("csv", TripletFormat((".csv",), lambda src, root, check, split, columns:
+                                         _load_csv(Path(src), root, check, columns)))
+TRIPLET_FORMATS.add("hf", TripletFormat(tuple(DATA_FILE_SUFFIXES), lambda src, root, check, split, columns:
+                                        _load_hf(src, split, root, check, columns)))
 
 
 def _detect_format(source: Any) -> str:
-    """The registered format name for a path (by suffix; folders are saved datasets) or a dataset object."""
+    """The registered format name for a path (by suffix; folders and Hub ids are data sets) or a dataset object."""
     if not isinstance(source, (str, os.PathLike)):
         return "hf"
     path = Path(source)
@@ -869,10 +888,12 @@ def _detect_format(source: Any) -> str:
     for name in TRIPLET_FORMATS.names():
         if suffix in TRIPLET_FORMATS.get(name).suffixes:
             return name
+    if not path.exists() and is_dataset_source(source):
+        return "hf"  # a Hub data set id
     known = sorted(s for n in TRIPLET_FORMATS.names() for s in TRIPLET_FORMATS.get(n).suffixes)
     raise ValueError(
         f"cannot tell the triplet format of {path} from its suffix {suffix!r}; use one of {known}, "
-        "a saved Hugging Face dataset folder, or pass format="
+        "a saved Hugging Face dataset folder, a Hub data set id, or pass format="
     )
 
 
@@ -881,8 +902,13 @@ def load_triplets(
     image_root: Optional[PathLike] = None,
     check_images: bool = True,
     format: Optional[str] = None,
-    split: str = "train",
+    split: Optional[str] = None,
+    columns: Optional[Dict[str, str]] = None,
 ) -> TripletSet:
-    """Load a triplet set from a .jsonl/.json/.csv file, a saved dataset folder or a ``datasets.Dataset``."""
+    """Load a triplet set from a .jsonl/.json/.csv file or any data set source (zscir.data.sources).
+
+    `split` picks a split of a DatasetDict (default ``train``, or the only one); `columns` maps triplet
+    fields to the names the source uses ({"reference": "src", ...}).
+    """
     name = format or _detect_format(source)
-    return TRIPLET_FORMATS.get(name).load(source, image_root, check_images, split)
+    return TRIPLET_FORMATS.get(name).load(source, image_root, check_images, split, columns)

@@ -94,7 +94,8 @@ BENCHMARKS.add("circo", Benchmark("circo", load_circo, recall_ks=(5, 10, 25, 50)
                                   submission="circo", aspect_map_k=10, aspect_order=CIRCO_SEMANTIC_ASPECTS,
                                   options=("use_shared_concept",)))
 BENCHMARKS.add("generic", Benchmark("generic", load_generic, recall_ks=(1, 5, 10, 50), map_ks=(5, 10, 25, 50),
-                                    recall_counts="any", group_by="kind", options=("exclude_reference",)))
+                                    recall_counts="any", group_by="kind",
+                                    options=("exclude_reference", "columns", "image_root")))
 
 
 def load_benchmark(name: str, root: PathLike, split: str = "val", **options: Any) -> CIRSplit:

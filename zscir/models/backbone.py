@@ -437,9 +437,41 @@ def register_model_config(model_name: str, model_cfg: Dict[str, Any]) -> None:
         raise BackboneError(f"the open_clip config of {model_name!r} needs embed_dim, vision_cfg and text_cfg")
 
 
+def _check_hub_backbone(model_name: str, pretrained: Optional[str]) -> None:
+    """An ``hf-hub:org/repo`` backbone: its config and weights in the HF cache (or downloaded), else one clear error.
+
+    open_clip itself would go on with random weights when the weights file cannot be fetched; zscir never does.
+    """
+    from ..hub import HUB_PREFIX, hub_file, is_repo_id
+
+    repo = model_name[len(HUB_PREFIX):]
+    if pretrained:
+        raise BackboneError(f"{model_name}: an hf-hub: backbone brings its own weights; drop the pretrained tag "
+                            f"{pretrained!r}")
+    if not is_repo_id(repo) or "/" not in repo:
+        raise BackboneError(f"{model_name}: expected hf-hub:org/repo")
+    hub_file(repo, "open_clip_config.json", what="backbone")
+    try:
+        hub_file(repo, "open_clip_model.safetensors", what="backbone")
+    except ValueError as err:  # a HubError: maybe the repo only has the older .bin weights
+        try:
+            hub_file(repo, "open_clip_pytorch_model.bin", what="backbone")
+        except ValueError:
+            raise err from None
+
+
 def _create(model_name: str, model_cfg: Optional[Dict[str, Any]], pretrained: Optional[str], device: str):
     import open_clip
 
+    from ..hub import HUB_PREFIX
+
+    if model_name.startswith(HUB_PREFIX):  # open_clip resolves these through huggingface_hub, weights included
+        _check_hub_backbone(model_name, pretrained)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, device=device)
+        except (RuntimeError, ValueError, OSError) as err:
+            raise BackboneError(f"could not load {model_name!r}: {err}") from None
+        return model, open_clip.get_tokenizer(model_name), preprocess
     if model_cfg is not None and model_name not in open_clip.list_models():
         register_model_config(model_name, model_cfg)  # a config that came from a saved folder
     if model_name not in open_clip.list_models():

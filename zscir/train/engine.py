@@ -27,21 +27,29 @@ at once); an interrupt raised inside a step rewinds the RNG streams to the step'
 start before saving, so resuming reproduces an uninterrupted run exactly. An
 interrupt while the optimiser changes the weights saves nothing (that state is
 half-updated): the last checkpoint stays.
+
+Accelerate's own settings apply: a run whose config names no mixed precision uses
+the one ``accelerate launch`` / ``accelerate config`` set (float32 when none), and
+``ACCELERATE_USE_CPU`` keeps it on the CPU. Logged values also go to Accelerate's
+experiment trackers (TensorBoard, Weights & Biases) inside an
+:func:`experiment_tracking` block (the CLI's ``--report-to``).
 """
 from __future__ import annotations
 
 import abc
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
+import os
 import random
 import re
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -50,7 +58,7 @@ from torch import nn
 from ..checkpoint import (CheckpointError, atomic_write_json, file_sha256, load_tensors, read_json,
                           save_tensors)
 from ..config import Config
-from ..precision import resolve_precision
+from ..precision import accelerate_precision, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +80,74 @@ class TrainConfig(Config):
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
-    mixed_precision: str = "no"  # "no", "fp16", "bf16" or "auto" (zscir.precision; applied by Accelerate)
+    # "no", "fp16", "bf16", "auto" (zscir.precision; applied by Accelerate) or None: Accelerate's configured one
+    mixed_precision: Optional[str] = None
     save_every: int = 0  # steps between full-state checkpoints; 0: only at the end
     log_every: int = 10
+
+
+#: Experiment trackers ``--report-to`` accepts, and how to tell whether each is installed.
+TRACKERS: Dict[str, Tuple[str, str]] = {
+    "tensorboard": ("is_tensorboard_available", "pip install tensorboard"),
+    "wandb": ("is_wandb_available", "pip install wandb"),
+}
+REPORT_TO = ("none", *TRACKERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tracking:
+    """Where the logged training values go: Accelerate trackers writing under `logging_dir`."""
+
+    trackers: Tuple[str, ...]
+    logging_dir: Path
+    config: Dict[str, Any] = dataclasses.field(default_factory=dict)  # run settings shown beside the curves
+
+
+_TRACKING: "contextvars.ContextVar[Optional[Tracking]]" = contextvars.ContextVar("zscir_tracking", default=None)
+
+
+def check_trackers(report_to: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
+    """The tracker names of ``--report-to`` ("none", "tensorboard", "wandb"; comma-separated), each installed."""
+    import accelerate.utils
+
+    names = [n.strip() for n in (report_to.split(",") if isinstance(report_to, str) else report_to or ()) if n.strip()]
+    out = []
+    for name in names:
+        if name == "none":
+            continue
+        if name not in TRACKERS:
+            raise ValueError(f"--report-to {name!r}: not a tracker zscir reports to; choose from {', '.join(REPORT_TO)}")
+        check, install = TRACKERS[name]
+        if not getattr(accelerate.utils, check)():
+            raise ImportError(f"--report-to {name} needs the {name} package, which is not installed: {install}")
+        out.append(name)
+    return tuple(dict.fromkeys(out))
+
+
+@contextlib.contextmanager
+def experiment_tracking(report_to: Union[str, Sequence[str], None], logging_dir: Union[str, os.PathLike],
+                        config: Optional[Dict[str, Any]] = None) -> Iterator[Tuple[str, ...]]:
+    """Within the block, every :class:`Trainer` reports its logged values to these trackers under `logging_dir`."""
+    trackers = check_trackers(report_to)
+    token = _TRACKING.set(Tracking(trackers, Path(logging_dir), dict(config or {})) if trackers else None)
+    try:
+        yield trackers
+    finally:
+        _TRACKING.reset(token)
+
+
+def _scalar_config(config: Dict[str, Any], prefix: str = "") -> Dict[str, Union[int, float, str, bool]]:
+    """A nested config as flat scalars (what TensorBoard's hyper-parameter view takes)."""
+    out: Dict[str, Union[int, float, str, bool]] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_scalar_config(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
 
 
 class TrainTask(abc.ABC):
@@ -302,6 +375,11 @@ def _release_other_precision(precision: str) -> None:
         AcceleratorState._reset_state()
 
 
+def _tracker_project(desc: str) -> str:
+    """A tracker run name from a stage description ("Stage I" -> "stage_i")."""
+    return re.sub(r"[^a-z0-9]+", "_", desc.lower()).strip("_") or "train"
+
+
 class Trainer:
     """Runs a :class:`TrainTask` with Accelerate; resumable from ``output_dir/state``."""
 
@@ -312,10 +390,16 @@ class Trainer:
         self.task, self.cfg, self.desc = task, cfg, desc
         self.output_dir = Path(output_dir) if output_dir else None
         self.progress = progress
-        use_cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-        precision = resolve_precision(cfg.mixed_precision, "cpu" if use_cpu else "cuda", f"{desc}: mixed_precision")
+        if cpu is None:
+            cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        use_cpu = cpu
+        requested = cfg.mixed_precision or accelerate_precision() or "no"  # None: Accelerate's setting decides
+        precision = resolve_precision(requested, "cpu" if use_cpu else "cuda", f"{desc}: mixed_precision")
         _release_other_precision(precision)
-        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
+        self.tracking = _TRACKING.get()
+        trackers = list(self.tracking.trackers) if self.tracking else None
+        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision, log_with=trackers,
+                                       project_dir=str(self.tracking.logging_dir) if self.tracking else None)
         world = self.accelerator.num_processes
         if cfg.batch_size % world:
             raise ValueError(f"{desc}: batch_size {cfg.batch_size} does not divide over {world} processes "
@@ -332,6 +416,9 @@ class Trainer:
         self.wrapped, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
         self.history: List[Dict[str, float]] = []
         self.step = 0
+        if self.tracking:
+            run_config = {"train": cfg.to_dict(), **self.tracking.config}
+            self.accelerator.init_trackers(_tracker_project(desc), config=_scalar_config(run_config))
 
     # ----------------------------------------------------------- checkpoints
     @property
@@ -381,6 +468,7 @@ class Trainer:
             "history": self.history,
             "desc": self.desc,
             "num_examples": self.task.num_examples(),
+            "precision": self.accelerator.mixed_precision,
             "tensors": {"file": name, "sha256": digest},
         }
         atomic_write_json(self.state_dir / STATE_META, meta)  # the commit point: from here on `name` is the state
@@ -397,7 +485,16 @@ class Trainer:
         meta, tensors = read_state(self.output_dir)
         saved = dict(meta["config"])
         now = self.cfg.to_dict()
-        differ = [k for k in now if k not in ("steps", "save_every", "log_every") and saved.get(k) != now[k]]
+        # the precision is compared as it ran (a config may leave it to Accelerate: None)
+        differ = [k for k in now if k not in ("steps", "save_every", "log_every", "mixed_precision")
+                  and saved.get(k) != now[k]]
+        ran = meta.get("precision") or resolve_precision(saved.get("mixed_precision") or "no",
+                                                         self.accelerator.device)
+        if ran != self.accelerator.mixed_precision:
+            raise CheckpointError(
+                f"cannot resume from {self.state_dir}: it trained in mixed precision {ran!r}, this run would use "
+                f"{self.accelerator.mixed_precision!r}; pass --mixed-precision {ran} (or the Accelerate setting "
+                "it ran with)")
         if differ:
             raise CheckpointError(
                 f"cannot resume from {self.state_dir}: training config differs in {differ} "
@@ -490,6 +587,8 @@ class Trainer:
                 bar.close()
             if interrupted and self.state_dir is not None:
                 self._save_interrupted(phase, snapshot)
+            if self.tracking:
+                acc.end_training()  # flushes and closes the trackers' files
         self.save_state()
         return TrainResult(self.history, time.time() - start, resumed_from)
 
@@ -533,6 +632,8 @@ class Trainer:
                       "grad_norm": float(grad_norm)}
             record.update({k: float(v) for k, v in logs.items()})
             self.history.append(record)
+            if self.tracking:
+                self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
         self.step += 1

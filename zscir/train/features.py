@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -279,12 +280,13 @@ def _encode_negatives(composer: Composer, triplets: Any, rows: Sequence[Any], ba
 
 def corpus_features(composer: Composer, folder: Any, cache_dir: Path, progress: bool = True,
                     precision: str = "no") -> Tuple[torch.Tensor, List[str]]:
-    """Normalised pooled features and paths of every decodable image under ``folder`` (cached on disk; encoded under `precision`)."""
+    """Normalised pooled features and names of every decodable image of a corpus (cached on disk; encoded under
+    `precision`): a folder (searched recursively), a list of paths or an ImageSource (e.g. a data set column)."""
     from ..data.features import FeatureCache
     from ..data.images import list_images
 
-    paths = list_images(folder)
-    if not paths:
+    paths = list_images(folder) if isinstance(folder, (str, os.PathLike)) else folder
+    if not len(paths):
         raise ValueError(f"--corpus {folder}: no images found")
     cache = FeatureCache.build(composer.backbone, paths, cache_dir, with_patches=False, progress=progress,
                                precision=precision)

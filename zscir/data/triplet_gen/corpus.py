@@ -1,16 +1,21 @@
-"""Image-caption corpora (``captions.jsonl``): the input of the caption-based triplet modes."""
+"""Image-caption corpora (``captions.jsonl``, or a data set with image-path and caption columns): the input of the
+caption-based triplet modes."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from ..schema import FileChecker, PathLike
+from ..sources import is_dataset_folder, is_dataset_source, load_dataset_source, map_columns
 from ..triplets import TripletFileError
 
-__all__ = ["CaptionedImage", "CaptionCorpus", "read_captions"]
+__all__ = ["CAPTION_FIELDS", "CaptionedImage", "CaptionCorpus", "read_captions"]
+
+#: Fields of a caption row (``--columns image=...,caption=...`` maps data set columns onto them).
+CAPTION_FIELDS = ("image", "caption")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +58,14 @@ class CaptionCorpus:
         return os.path.abspath(Path(image) if Path(image).is_absolute() else self.root / image)
 
 
-def read_captions(path: PathLike, image_root: Optional[PathLike] = None, check_images: bool = True) -> CaptionCorpus:
-    """Read ``captions.jsonl`` (``{"image", "caption"}`` per line); every bad line is reported in one error."""
+def read_captions(path: PathLike, image_root: Optional[PathLike] = None, check_images: bool = True,
+                  split: Optional[str] = None, columns: Optional[Mapping[str, str]] = None) -> CaptionCorpus:
+    """Read ``captions.jsonl`` (``{"image", "caption"}`` per line) or a data set (`split`, `columns`: field ->
+    column) whose image column holds paths; every bad line is reported in one error."""
+    if is_dataset_source(path):
+        return _read_caption_dataset(path, image_root, check_images, split, columns)
+    if columns:
+        raise ValueError(f"--columns applies to caption data sets; {path} is a captions.jsonl file")
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     try:
@@ -101,3 +112,36 @@ def read_captions(path: PathLike, image_root: Optional[PathLike] = None, check_i
     if problems:
         raise TripletFileError(str(path), problems)
     return CaptionCorpus(items, root, str(path))
+
+
+def _read_caption_dataset(source: PathLike, image_root: Optional[PathLike], check_images: bool,
+                          split: Optional[str], columns: Optional[Mapping[str, str]]) -> CaptionCorpus:
+    """A caption corpus from a data set's image-path and caption columns (images relative to `image_root`)."""
+    ds, label = load_dataset_source(source, split, what="caption data set")
+    ds = map_columns(ds, dict(columns or {}), label, CAPTION_FIELDS, required=CAPTION_FIELDS)
+    if image_root is not None:
+        root = Path(image_root)
+    elif Path(source).exists():
+        root = Path(source) if is_dataset_folder(source) else Path(source).parent
+    else:
+        root = Path.cwd()
+    problems: List[str] = []
+    items: List[CaptionedImage] = []
+    checker = FileChecker()
+    for index, (image, caption) in enumerate(zip(ds["image"], ds["caption"]), 1):
+        at = f"{label} row {index}"
+        if not isinstance(image, str) or not image.strip():
+            kind = "an image" if image is not None and not isinstance(image, str) else repr(image)
+            problems.append(f"{at}: column 'image' must hold a path (relative to --image-root), got {kind}")
+            continue
+        if not isinstance(caption, str) or not caption.strip():
+            problems.append(f"{at}: column 'caption' must be a non-empty string, got {caption!r}")
+            continue
+        if check_images and not checker.exists(Path(image) if Path(image).is_absolute() else root / image):
+            problems.append(f"{at}: image not found: {root / image}")
+        items.append(CaptionedImage(image, caption, index))
+    if not items and not problems:
+        problems.append("no captions found")
+    if problems:
+        raise TripletFileError(label, problems)
+    return CaptionCorpus(items, root, label)

@@ -427,6 +427,8 @@ class TripletGenConfig(Config):
     negatives: int = 3  # hard negatives per triplet in the modes that make them; 0: none
     negative_lo: float = -0.05  # similarity-pair negatives: band of s(r, c) - s(r, t)
     negative_hi: float = 0.05
+    split: Optional[str] = None  # the split of a caption data set (--split)
+    columns: Dict[str, str] = dataclasses.field(default_factory=dict)  # caption data set: field -> column
 
 
 @dataclasses.dataclass
@@ -568,7 +570,8 @@ def generate_triplets(
         raise ValueError(f"negatives must be >= 0, got {config.negatives}")
     if config.negative_lo > config.negative_hi:
         raise ValueError(f"negative_lo ({config.negative_lo}) must be <= negative_hi ({config.negative_hi})")
-    corpus = read_captions(config.captions, config.image_root, config.check_images) if config.captions else None
+    corpus = read_captions(config.captions, config.image_root, config.check_images, split=config.split,
+                           columns=config.columns) if config.captions else None
     ctx = GenContext(config, Path(out_dir), corpus, Lexicon.load(config.lexicon), embeddings,
                      text_editor, pair_describer, progress)
     modes = list(config.modes) or _default_modes(ctx)
