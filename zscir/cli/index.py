@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..search import BACKENDS, IMAGE_ROOT_FILE, INDEX_META, METRICS, EmbeddingIndex, EmbeddingIndexError, model_key_of
+from ..search.export import export_parquet
 from ..search.shards import SHARDS_DIR, ShardedRun, current_workers
 from ..search.store import Id
 from ..precision import autocast
@@ -78,6 +79,9 @@ def index_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit-every", type=int, default=4096, help="embeddings buffered between index commits")
     parser.add_argument("--bad-log", default=None, help="where to list images that fail to load (default: INDEX/bad_images.log)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--export", default=None, metavar="FILE.parquet",
+                        help="also write the index's ids and embeddings (float32) to a Parquet file, for vector "
+                             "databases or datasets.Dataset.from_parquet")
 
 
 def _open_index(folder: Path, key: str) -> Optional[EmbeddingIndex]:
@@ -212,11 +216,16 @@ def index_run(args: argparse.Namespace) -> int:
     atomic_write_text(folder / IMAGE_ROOT_FILE, str(base.resolve()) + "\n")  # lets `zscir search --out` find the images
     if args.backend != "exact":
         print(f"building the {args.backend!r} backend over {len(index)} embeddings")
-        index.build_backend(args.backend, **backend_params)
+        built = index.build_backend(args.backend, **backend_params)
+        info = index.meta["backends"][args.backend]
+        print(f"{args.backend}: {built.bytes_per_vector():.0f} bytes per vector in memory, "
+              f"{info['file_bytes'] / len(index):.1f} bytes per vector on disk ({info['file']})")
     elif index.meta["backends"]:
         index.sync_backends()
     print(f"index {folder}: {len(index)} embeddings (dim {index.dim}); {n_bad} image(s) skipped"
           + (f", listed in {bad_log}" if n_bad else ""))
+    if args.export:
+        print(f"exported {len(index)} embeddings to {export_parquet(index, args.export)}")
     return 0
 
 
