@@ -279,17 +279,31 @@ def test_compressed_ivfpq_with_opq_memory_mapped_and_re_ranked(tmp_path):
     assert EmbeddingIndex.open(tmp_path / "idx").search(-emb[:1], k=1, backend="ivfpq")[0][0][0] == 3000
     with pytest.raises(ValueError, match="cannot be memory-mapped"):
         index.build_backend("hnsw", mmap=1)
+    fresh = EmbeddingIndex.open(tmp_path / "idx")
+    with pytest.raises(ValueError, match="fast-scan lists cannot be memory-mapped"):
+        fresh.build_backend("ivfpq", nlist=16, m=12, fastscan=1, mmap=1)
+    fast = fresh.build_backend("ivfpq", nlist=16, m=12, fastscan=1)  # 12 x 4-bit codes, SIMD scan
+    assert fast.bytes_per_vector() == 6 + 8 and fast.params["nbits"] == 4
+    _, rows = EmbeddingIndex.open(tmp_path / "idx").search_arrays(queries, 10, backend="ivfpq", nprobe=16, rerank=300)
+    assert _recall(rows, exact_rows[:, :10]) > 0.95
 
 
-def test_exact_rerank_in_blocks_equals_one_block():
+def test_exact_rerank_scores_every_candidate_exactly():
     from zscir.search import exact_rerank
 
     emb = _clustered(500, 16, seed=6).astype(np.float16)
     q = torch.from_numpy(_clustered(9, 16, seed=7))
-    cand = np.random.default_rng(8).integers(-1, 500, size=(9, 40))
-    one = exact_rerank(q, emb, cand, 10)
-    blocks = exact_rerank(q, emb, cand, 10, max_rows=50)  # one query per block
-    assert torch.equal(one[1], blocks[1]) and torch.allclose(one[0], blocks[0])
+    rng = np.random.default_rng(8)
+    cand = np.stack([rng.permutation(500)[:40] for _ in range(9)])  # distinct candidates, as FAISS returns them
+    cand[:, -5:] = -1  # fewer than C found
+    cand[3] = -1
+    scores, rows = exact_rerank(q, emb, cand, 10)
+    full = q @ torch.from_numpy(emb.astype(np.float32)).T
+    for i in range(9):
+        pool = sorted({int(c) for c in cand[i] if c >= 0}, key=lambda c: (-float(full[i, c]), c))[:10]
+        assert rows[i][rows[i] >= 0].tolist() == pool
+        assert torch.allclose(scores[i][: len(pool)], full[i, pool])
+    assert rows[3].tolist() == [-1] * 10 and torch.isneginf(scores[3]).all()
 
 
 def _recall(found: torch.Tensor, truth: torch.Tensor) -> float:

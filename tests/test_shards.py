@@ -84,6 +84,8 @@ def test_two_processes_index_like_one(tmp_path, composer):
     _same_index(tmp_path / "one", tmp_path / "two")
     assert not (tmp_path / "two" / "shards").exists()
     assert [s["id"] for s in EmbeddingIndex.open(tmp_path / "two").skipped] == ["g05.png", "g17.png"]
+    assert run_ranks(lambda rank: _index(gallery, tmp_path / "two")) == [0, 0]  # only the 2 broken ones to retry
+    _same_index(tmp_path / "one", tmp_path / "two")
     # three processes, then new images: only those are embedded, appended in order
     assert run_ranks(lambda rank: _index(gallery, tmp_path / "three"), world=3) == [0, 0, 0]
     _same_index(tmp_path / "one", tmp_path / "three")
@@ -92,6 +94,14 @@ def test_two_processes_index_like_one(tmp_path, composer):
     assert _index(gallery, tmp_path / "one") == 0
     assert run_ranks(lambda rank: _index(gallery, tmp_path / "two")) == [0, 0]
     _same_index(tmp_path / "one", tmp_path / "two")
+
+
+def test_nothing_left_to_index_with_two_processes(tmp_path, composer, capsys):
+    gallery = _gallery(tmp_path / "g", n=6, broken=())
+    assert run_ranks(lambda rank: _index(gallery, tmp_path / "idx")) == [0, 0]
+    assert run_ranks(lambda rank: _index(gallery, tmp_path / "idx")) == [0, 0]
+    assert "6 already indexed, 0 to embed" in capsys.readouterr().out
+    assert len(EmbeddingIndex.open(tmp_path / "idx")) == 6
 
 
 class _Kill(Exception):

@@ -261,7 +261,9 @@ class ShardedRun:
 
     def my_parts(self) -> List[Tuple[int, int, int, Path]]:
         """This process's parts: (part, start, stop, folder); positions index the items :meth:`begin` returned."""
-        plan = self._plan()
+        if self.plan is None:
+            return []  # nothing to encode
+        plan = self.plan
         parts = int(plan["parts"])
         return [(p, *part_bounds(int(plan["count"]), p, parts), self.part_folder(p, parts))
                 for p in range(parts) if p % self.workers.world == self.workers.rank]
