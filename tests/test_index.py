@@ -199,12 +199,18 @@ def test_backend_registry_lists_all():
     assert set(BACKENDS.names()) == {"exact", "flat", "ivf", "hnsw", "pq", "ivfpq"}
 
 
+def _searched_index(folder, n: int, dim: int, seed: int, n_queries: int):
+    """An index of n clustered rows, queries near its first rows, and their exact top-10 rows."""
+    emb = _clustered(n, dim, seed=seed)
+    index = EmbeddingIndex.create(folder, dim=dim, model_key="m")
+    index.add(list(range(n)), emb)
+    noise = np.random.default_rng(seed + 1).standard_normal((n_queries, dim)).astype(np.float32)
+    queries = emb[:n_queries] + 0.05 * noise
+    return emb, index, queries, index.search_arrays(queries, 10)[1]
+
+
 def test_faiss_backends_agree_with_exact(tmp_path):
-    emb = _clustered(2000, 32, seed=1)
-    index = EmbeddingIndex.create(tmp_path / "idx", dim=32, model_key="m")
-    index.add(list(range(2000)), emb)
-    queries = emb[:20] + 0.05 * np.random.default_rng(2).standard_normal((20, 32)).astype(np.float32)
-    _, exact_rows = index.search_arrays(queries, 10)
+    emb, index, queries, exact_rows = _searched_index(tmp_path / "idx", 2000, 32, seed=1, n_queries=20)
 
     index.build_backend("flat")
     _, flat_rows = index.search_arrays(queries, 10, backend="flat")
@@ -248,11 +254,7 @@ def test_faiss_backends_agree_with_exact(tmp_path):
 
 
 def test_compressed_ivfpq_with_opq_memory_mapped_and_re_ranked(tmp_path):
-    emb = _clustered(3000, 48, seed=4)
-    index = EmbeddingIndex.create(tmp_path / "idx", dim=48, model_key="m")
-    index.add(list(range(3000)), emb)
-    queries = emb[:30] + 0.05 * np.random.default_rng(5).standard_normal((30, 48)).astype(np.float32)
-    _, exact_rows = index.search_arrays(queries, 10)
+    emb, index, queries, exact_rows = _searched_index(tmp_path / "idx", 3000, 48, seed=4, n_queries=30)
     with pytest.raises(ValueError, match="must divide the dimension 48"):
         index.build_backend("ivfpq", nlist=16, m=10)
     # OPQ: 10 sub-vectors of 4 of 40 rotated dims, 4-bit codes (16 centroids each: quick to train)
@@ -375,13 +377,19 @@ def _cli(add_arguments, run, argv):
     return run(parser.parse_args(argv))
 
 
-def test_index_and_search_commands(tmp_path, fake_composer, capsys):
-    gallery = tmp_path / "gallery"
-    rng = np.random.default_rng(0)
-    for i in range(12):
+def _random_gallery(gallery, n: int, seed: int):
+    """n random 16x16 PNGs, every other one in a subfolder."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
         p = gallery / ("sub" if i % 2 else "") / f"g{i:02d}.png"
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(p)
+    return rng
+
+
+def test_index_and_search_commands(tmp_path, fake_composer, capsys):
+    gallery = tmp_path / "gallery"
+    _random_gallery(gallery, 12, seed=0)
     (gallery / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     idx = tmp_path / "index"
     argv = [str(gallery), "--model", "MODEL", "--index", str(idx), "--batch-size", "5", "--commit-every", "4", "--no-progress"]
@@ -436,11 +444,7 @@ def test_export_parquet_read_back_with_datasets_finds_the_same_neighbours(tmp_pa
     from zscir.search.export import read_parquet_info
 
     gallery = tmp_path / "gallery"
-    rng = np.random.default_rng(1)
-    for i in range(30):
-        p = gallery / ("sub" if i % 2 else "") / f"g{i:02d}.png"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(p)
+    rng = _random_gallery(gallery, 30, seed=1)
     out = tmp_path / "export" / "gallery.parquet"
     out.parent.mkdir()
     argv = [str(gallery), "--model", "M", "--index", str(tmp_path / "idx"), "--no-progress", "--export", str(out)]

@@ -249,6 +249,13 @@ def backbone():
     return load_backbone("zscir-micro")
 
 
+def _own(bb):
+    """A copy of the backbone for one thread (encode_image toggles state on the model: processes never share it)."""
+    import copy
+
+    return copy.deepcopy(bb)
+
+
 def test_feature_cache_built_by_two_processes_equals_one(tmp_path, backbone, monkeypatch):
     from test_features import Wrapped, _corpus
     from zscir.data.features import FeatureCache, FeatureCacheError
@@ -257,12 +264,12 @@ def test_feature_cache_built_by_two_processes_equals_one(tmp_path, backbone, mon
     kwargs = dict(patch_grid=2, batch_size=3, chunk_size=4, progress=False)
     one = FeatureCache.build(backbone, paths, tmp_path / "one", **kwargs)
     # rank 1 dies after 2 batches (one chunk of 4 committed to its progress, rows written in place)
-    flaky = {0: Wrapped(backbone), 1: Wrapped(backbone, fail_after=2)}
+    flaky = {0: Wrapped(_own(backbone)), 1: Wrapped(_own(backbone), fail_after=2)}
     with pytest.raises(KeyboardInterrupt):
         run_ranks(lambda rank: FeatureCache.build(flaky[rank], paths, tmp_path / "two", **kwargs))
     with pytest.raises(FeatureCacheError, match="incomplete"):
         FeatureCache.open(next((tmp_path / "two").iterdir()))
-    counting = {0: Wrapped(backbone), 1: Wrapped(backbone)}
+    counting = {0: Wrapped(_own(backbone)), 1: Wrapped(_own(backbone))}
     two = run_ranks(lambda rank: FeatureCache.build(counting[rank], paths, tmp_path / "two", **kwargs))[0]
     assert counting[0].calls == 0  # part 0 was finished
     # part 1 (rows 10-20, chunks of 4 from row 10) died in the chunk at row 14 and resumed there: batches 14-16, 17
@@ -282,14 +289,14 @@ def test_feature_cache_part_with_a_corrupt_progress_record_is_refused(tmp_path, 
     from zscir.data.features import FeatureCache, FeatureCacheError
 
     paths = _corpus(tmp_path / "imgs", n=16, bad=())
-    flaky = {0: Wrapped(backbone), 1: Wrapped(backbone, fail_after=2)}  # dies in its third chunk of 3
+    flaky = {0: Wrapped(_own(backbone)), 1: Wrapped(_own(backbone), fail_after=2)}  # dies in its third chunk of 3
     kwargs = dict(patch_grid=2, batch_size=3, chunk_size=3, progress=False)
     with pytest.raises(KeyboardInterrupt):
         run_ranks(lambda rank: FeatureCache.build(flaky[rank], paths, tmp_path / "c", **kwargs))
     folder = next((tmp_path / "c").iterdir())
     (folder / "shards" / "00001-of-00002" / "progress.json").write_text("[1, 2")
     with pytest.raises(FeatureCacheError, match="corrupt shard .*unreadable progress record"):
-        run_ranks(lambda rank: FeatureCache.build(backbone, paths, tmp_path / "c", **kwargs))
+        run_ranks(lambda rank: FeatureCache.build(flaky[rank].bb, paths, tmp_path / "c", **kwargs))
 
 
 # ------------------------------------------------------------------------------------ evaluation gallery

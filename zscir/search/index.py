@@ -35,7 +35,7 @@ INDEX_IDS = IDS_NAME
 INDEX_EMBEDDINGS = "embeddings.f16"
 IMAGE_ROOT_FILE = "image_root.txt"  # the folder the ids are relative to (lets `zscir search --out` find the images)
 METRICS = ("cosine", "ip")
-RERANK_FACTOR = 10  # compressed backends fetch 10 k candidates and re-rank them exactly (recall@50 0.98 at 100k)
+RERANK_FACTOR = 10  # compressed backends fetch 10 k candidates and re-rank them exactly (bench_scale.py: --rerank-factor)
 _REQUIRED = ("format_version", "dim", "count", "model_key", "metric", "ids_bytes", "backends")
 
 
