@@ -199,12 +199,18 @@ def test_backend_registry_lists_all():
     assert set(BACKENDS.names()) == {"exact", "flat", "ivf", "hnsw", "pq", "ivfpq"}
 
 
+def _searched_index(folder, n: int, dim: int, seed: int, n_queries: int):
+    """An index of n clustered rows, queries near its first rows, and their exact top-10 rows."""
+    emb = _clustered(n, dim, seed=seed)
+    index = EmbeddingIndex.create(folder, dim=dim, model_key="m")
+    index.add(list(range(n)), emb)
+    noise = np.random.default_rng(seed + 1).standard_normal((n_queries, dim)).astype(np.float32)
+    queries = emb[:n_queries] + 0.05 * noise
+    return emb, index, queries, index.search_arrays(queries, 10)[1]
+
+
 def test_faiss_backends_agree_with_exact(tmp_path):
-    emb = _clustered(2000, 32, seed=1)
-    index = EmbeddingIndex.create(tmp_path / "idx", dim=32, model_key="m")
-    index.add(list(range(2000)), emb)
-    queries = emb[:20] + 0.05 * np.random.default_rng(2).standard_normal((20, 32)).astype(np.float32)
-    _, exact_rows = index.search_arrays(queries, 10)
+    emb, index, queries, exact_rows = _searched_index(tmp_path / "idx", 2000, 32, seed=1, n_queries=20)
 
     index.build_backend("flat")
     _, flat_rows = index.search_arrays(queries, 10, backend="flat")
@@ -223,9 +229,14 @@ def test_faiss_backends_agree_with_exact(tmp_path):
 
     for name in ("pq", "ivfpq"):
         index.build_backend(name, **({"nlist": 16} if name == "ivfpq" else {}))
-        _, rows = index.search_arrays(queries, 10, backend=name)
+        _, rows = index.search_arrays(queries, 10, backend=name, rerank=0)  # the codes' own order
         assert rows.shape == (20, 10) and (rows >= 0).all()
         assert _recall(rows, exact_rows) > 0.3  # lossy codes, but far above chance (10/2000)
+        scores, reranked = index.search_arrays(queries, 10, backend=name)  # re-ranked exactly by default
+        assert _recall(reranked, exact_rows) > _recall(rows, exact_rows)
+        exact_of = torch.einsum("qd,qkd->qk", index._queries(queries), torch.from_numpy(
+            np.asarray(index.embeddings, np.float32))[reranked])
+        assert torch.allclose(scores, exact_of, atol=1e-5)
 
     with pytest.raises(ValueError, match="no search parameter 'nprobe'"):
         index.search_arrays(queries, 10, backend="hnsw", nprobe=4)
@@ -240,6 +251,61 @@ def test_faiss_backends_agree_with_exact(tmp_path):
     assert torch.allclose(scores, exact_scores, atol=1e-6)
     with pytest.raises(ValueError, match="takes no search parameters"):
         index.search_arrays(queries, 10, rerank=50)
+
+
+def test_compressed_ivfpq_with_opq_memory_mapped_and_re_ranked(tmp_path):
+    emb, index, queries, exact_rows = _searched_index(tmp_path / "idx", 3000, 48, seed=4, n_queries=30)
+    with pytest.raises(ValueError, match="must divide the dimension 48"):
+        index.build_backend("ivfpq", nlist=16, m=10)
+    # OPQ: 10 sub-vectors of 4 of 40 rotated dims, 4-bit codes (16 centroids each: quick to train)
+    built = index.build_backend("ivfpq", nlist=16, m=10, nbits=4, opq=1, mmap=1)
+    assert built.bytes_per_vector() == 5 + 8  # 10 x 4 bits of code + the list entry's id
+    info = json.loads((tmp_path / "idx" / "meta.json").read_text())["backends"]["ivfpq"]
+    assert info["bytes_per_vector"] == 13 and info["file_bytes"] == (tmp_path / "idx" / "ivfpq.faiss").stat().st_size
+
+    reopened = EmbeddingIndex.open(tmp_path / "idx")
+    scores, rows = reopened.search_arrays(queries, 10, backend="ivfpq", nprobe=16, rerank=300)
+    engine = reopened._backends["ivfpq"]
+    assert engine.mapped and type(faiss.extract_index_ivf(engine.faiss_index).invlists).__name__ != "ArrayInvertedLists"
+    assert "OnDisk" in faiss.downcast_InvertedLists(faiss.extract_index_ivf(engine.faiss_index).invlists).__class__.__name__
+    assert _recall(rows, exact_rows) > 0.95  # 300 re-ranked candidates of 3000 (4-bit codes are coarse)
+    in_memory = EmbeddingIndex.open(tmp_path / "idx")
+    in_memory.meta["backends"]["ivfpq"]["params"]["mmap"] = 0
+    assert torch.equal(in_memory.search_arrays(queries, 10, backend="ivfpq", nprobe=16, rerank=300)[1], rows)
+
+    # rows added later: the mapped lists are read-only, so the structure is read into memory to catch up
+    reopened.add([3000], emb[:1] * -1)
+    assert reopened.search(-emb[:1], k=1, backend="ivfpq")[0][0][0] == 3000
+    assert not reopened._backends["ivfpq"].mapped
+    assert reopened.sync_backends() == ["ivfpq"]
+    assert EmbeddingIndex.open(tmp_path / "idx").search(-emb[:1], k=1, backend="ivfpq")[0][0][0] == 3000
+    with pytest.raises(ValueError, match="cannot be memory-mapped"):
+        index.build_backend("hnsw", mmap=1)
+    fresh = EmbeddingIndex.open(tmp_path / "idx")
+    with pytest.raises(ValueError, match="fast-scan lists cannot be memory-mapped"):
+        fresh.build_backend("ivfpq", nlist=16, m=12, fastscan=1, mmap=1)
+    fast = fresh.build_backend("ivfpq", nlist=16, m=12, fastscan=1)  # 12 x 4-bit codes, SIMD scan
+    assert fast.bytes_per_vector() == 6 + 8 and fast.params["nbits"] == 4
+    _, rows = EmbeddingIndex.open(tmp_path / "idx").search_arrays(queries, 10, backend="ivfpq", nprobe=16, rerank=300)
+    assert _recall(rows, exact_rows[:, :10]) > 0.95
+
+
+def test_exact_rerank_scores_every_candidate_exactly():
+    from zscir.search import exact_rerank
+
+    emb = _clustered(500, 16, seed=6).astype(np.float16)
+    q = torch.from_numpy(_clustered(9, 16, seed=7))
+    rng = np.random.default_rng(8)
+    cand = np.stack([rng.permutation(500)[:40] for _ in range(9)])  # distinct candidates, as FAISS returns them
+    cand[:, -5:] = -1  # fewer than C found
+    cand[3] = -1
+    scores, rows = exact_rerank(q, emb, cand, 10)
+    full = q @ torch.from_numpy(emb.astype(np.float32)).T
+    for i in range(9):
+        pool = sorted({int(c) for c in cand[i] if c >= 0}, key=lambda c: (-float(full[i, c]), c))[:10]
+        assert rows[i][rows[i] >= 0].tolist() == pool
+        assert torch.allclose(scores[i][: len(pool)], full[i, pool])
+    assert rows[3].tolist() == [-1] * 10 and torch.isneginf(scores[3]).all()
 
 
 def _recall(found: torch.Tensor, truth: torch.Tensor) -> float:
@@ -311,13 +377,19 @@ def _cli(add_arguments, run, argv):
     return run(parser.parse_args(argv))
 
 
-def test_index_and_search_commands(tmp_path, fake_composer, capsys):
-    gallery = tmp_path / "gallery"
-    rng = np.random.default_rng(0)
-    for i in range(12):
+def _random_gallery(gallery, n: int, seed: int):
+    """n random 16x16 PNGs, every other one in a subfolder."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
         p = gallery / ("sub" if i % 2 else "") / f"g{i:02d}.png"
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(p)
+    return rng
+
+
+def test_index_and_search_commands(tmp_path, fake_composer, capsys):
+    gallery = tmp_path / "gallery"
+    _random_gallery(gallery, 12, seed=0)
     (gallery / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     idx = tmp_path / "index"
     argv = [str(gallery), "--model", "MODEL", "--index", str(idx), "--batch-size", "5", "--commit-every", "4", "--no-progress"]
@@ -364,3 +436,62 @@ def test_index_command_from_file_list(tmp_path, fake_composer):
     assert EmbeddingIndex.open(idx).ids == ["imgs/a.png", "imgs/b.png"]
     with pytest.raises(ValueError, match="--backend-param expects KEY=VALUE"):
         _cli(index_add_arguments, index_run, [str(lst), "--model", "M", "--index", str(idx), "--backend-param", "nlist"])
+
+
+def test_export_parquet_read_back_with_datasets_finds_the_same_neighbours(tmp_path, fake_composer):
+    from datasets import Dataset
+
+    from zscir.search.export import read_parquet_info
+
+    gallery = tmp_path / "gallery"
+    rng = _random_gallery(gallery, 30, seed=1)
+    out = tmp_path / "export" / "gallery.parquet"
+    out.parent.mkdir()
+    argv = [str(gallery), "--model", "M", "--index", str(tmp_path / "idx"), "--no-progress", "--export", str(out)]
+    assert _cli(index_add_arguments, index_run, argv) == 0
+    index = EmbeddingIndex.open(tmp_path / "idx")
+    assert read_parquet_info(out) == {"model_key": "fake-composer-1", "metric": "cosine", "dim": 16, "count": 30,
+                                      "source_dtype": "float16"}
+    ds = Dataset.from_parquet(str(out), cache_dir=str(tmp_path / "hf-cache"))
+    assert ds["id"] == index.ids
+    np.testing.assert_array_equal(np.asarray(ds["embedding"], np.float32), np.asarray(index.embeddings, np.float32))
+    ds.add_faiss_index(column="embedding", metric_type=faiss.METRIC_INNER_PRODUCT)
+    queries = rng.standard_normal((6, 16)).astype(np.float32) + np.asarray(index.embeddings[:6], np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    scores, found = ds.get_nearest_examples_batch("embedding", queries, k=5)
+    hits = index.search(queries, 5)
+    assert [f["id"] for f in found] == [[i for i, _ in h] for h in hits]
+    np.testing.assert_allclose(np.asarray(scores), [[s for _, s in h] for h in hits], atol=1e-5)
+
+
+def test_export_to_a_full_disk_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from zscir.search.export import export_parquet
+
+    index = EmbeddingIndex.create(tmp_path / "idx", dim=8, model_key="m")
+    index.add([f"i{j}" for j in range(300)], _clustered(300, 8))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir()}
+    calls = []
+
+    def full(self, table, *args, **kwargs):
+        calls.append(len(table))
+        if len(calls) > 1:  # the second row group finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, table, *args, **kwargs)
+
+    original = pq.ParquetWriter.write_table
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+    with pytest.raises(EmbeddingIndexError, match=r"gallery.parquet failed: no space left on the device; nothing"):
+        export_parquet(index, tmp_path / "gallery.parquet", rows_per_group=128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no partial file, no temporary left
+    assert {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir()} == before
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", original)
+    with pytest.raises(EmbeddingIndexError, match="folder .* does not exist"):
+        export_parquet(index, tmp_path / "missing" / "x.parquet")
+    mixed = EmbeddingIndex.create(tmp_path / "mixed", dim=8, model_key="m")
+    mixed.add(["a", 1], _clustered(2, 8))
+    with pytest.raises(EmbeddingIndexError, match="mixes string and integer ids"):
+        export_parquet(mixed, tmp_path / "mixed.parquet")

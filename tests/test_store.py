@@ -81,3 +81,41 @@ def test_truncated_files_are_reported(tmp_path):
         EmbeddingStore.open(tmp_path / "s")
     with pytest.raises(StoreError, match="no store"):
         EmbeddingStore.open(tmp_path / "none")
+
+
+def test_write_at_fills_preallocated_rows_that_commit_count_commits(tmp_path):
+    store = EmbeddingStore.create(tmp_path / "s", _two_arrays(capacity=6), positional_ids=True)
+    with store.write_at(3) as txn:  # a later part first: rows 3-5
+        txn.write({"vec": np.full((3, 3), 5.0), "grid": np.zeros((3, 2, 3))})
+    assert len(EmbeddingStore.open(tmp_path / "s")) == 0  # written, not committed
+    with store.write_at(0) as txn:
+        txn.write({"vec": np.full((3, 3), 1.0), "grid": np.zeros((3, 2, 3))})
+    store.commit_count(3, skipped=[{"id": 1, "reason": "unreadable"}])
+    store.commit_count(6)
+    done = EmbeddingStore.open(tmp_path / "s")
+    assert done.array("vec")[:, 0].tolist() == [1, 1, 1, 5, 5, 5] and done.skipped == [{"id": 1, "reason": "unreadable"}]
+    with pytest.raises(ValueError, match="cannot commit 7 rows"):
+        done.commit_count(7)
+    with pytest.raises(ValueError, match="holds 6 rows"):
+        with done.write_at(5) as txn:
+            txn.write({"vec": np.ones((2, 3)), "grid": np.zeros((2, 2, 3))})
+    growing = EmbeddingStore.create(tmp_path / "g", _two_arrays())
+    with pytest.raises(StoreError, match="write_at needs preallocated arrays"):
+        with growing.write_at(0):
+            pass
+
+
+def test_extend_appends_another_store_once(tmp_path):
+    a = EmbeddingStore.create(tmp_path / "a", _two_arrays())
+    a.add(["x"], {"vec": np.ones((1, 3)), "grid": np.zeros((1, 2, 3))})
+    b = EmbeddingStore.create(tmp_path / "b", _two_arrays())
+    b.add(["y", "z"], {"vec": np.arange(6).reshape(2, 3), "grid": np.ones((2, 2, 3))},
+          skipped=[{"id": "bad", "reason": "cannot decode"}])
+    assert a.extend(b, rows_per_write=1) == 2
+    assert a.extend(b) == 0  # again after an interrupted merge: nothing twice
+    merged = EmbeddingStore.open(tmp_path / "a")
+    assert merged.ids == ["x", "y", "z"] and merged.array("vec")[2].tolist() == [3, 4, 5]
+    assert merged.skipped == [{"id": "bad", "reason": "cannot decode"}]
+    other = EmbeddingStore.create(tmp_path / "c", {"vec": ArraySpec("vec.f16", "float16", (4,))})
+    with pytest.raises(StoreError, match="cannot be merged"):
+        a.extend(other)

@@ -1,4 +1,4 @@
-"""Pictures people would rather see than read: retrieval grids and training curves (PNG, matplotlib)."""
+"""Pictures people would rather see than read: retrieval grids, training curves, log-log cost curves (PNG, matplotlib)."""
 from __future__ import annotations
 
 import io
@@ -68,6 +68,30 @@ def save_training_curves(out: Union[str, os.PathLike], curves: Dict[str, List[Di
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out)
+    plt.close(fig)
+
+
+def save_loglog(out: Union[str, os.PathLike], panels: Dict[str, Dict[str, Sequence[tuple]]], xlabel: str,
+                title: str = "") -> None:
+    """PNG of log-log panels side by side: panel title -> series name -> (x, y) points (non-positive y dropped)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
+    markers = "osD^v<>p*h"
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        for i, (label, points) in enumerate(series.items()):
+            pts = [(x, y) for x, y in points if x > 0 and y is not None and y > 0]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=markers[i % len(markers)], label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _save(fig, out)
     plt.close(fig)

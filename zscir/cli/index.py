@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..search import BACKENDS, IMAGE_ROOT_FILE, INDEX_META, METRICS, EmbeddingIndex, EmbeddingIndexError, model_key_of
+from ..search.export import export_parquet
+from ..search.shards import SHARDS_DIR, ShardedRun, current_workers
 from ..search.store import Id
 from ..precision import autocast
 from .common import (SOURCE_HELP, add_data_arguments, add_device_argument, add_model_argument, add_out_argument,
@@ -73,26 +75,24 @@ def index_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit-every", type=int, default=4096, help="embeddings buffered between index commits")
     parser.add_argument("--bad-log", default=None, help="where to list images that fail to load (default: INDEX/bad_images.log)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--export", default=None, metavar="FILE.parquet",
+                        help="also write the index's ids and embeddings (float32) to a Parquet file, for vector "
+                             "databases or datasets.Dataset.from_parquet")
 
 
-def index_run(args: argparse.Namespace) -> int:
-    """Run ``zscir index``: embed new images of the gallery and append them to the index."""
-    from ..checkpoint import atomic_write_text
+def _open_index(folder: Path, key: str) -> Optional[EmbeddingIndex]:
+    """The index in `folder` (refused if another model built it), or None if there is none yet."""
+    return EmbeddingIndex.open(folder, model_key=key) if (folder / INDEX_META).is_file() else None
+
+
+def _encode_into(folder: Path, key: str, metric: str, composer: Any, paths: Sequence[Path], ids: Sequence[Id],
+                 todo: Sequence[int], args: argparse.Namespace, bad_log: Path, progress: bool) -> List[Dict[str, Any]]:
+    """Embed images `todo` (positions in `paths`) and append them to the index in `folder`; returns the failures."""
     from ..data.images import iter_image_batches, subset
 
-    backend_params = _parse_params(args.backend_param, "--backend-param")
-    if args.batch_size < 1 or args.commit_every < 1:
-        raise ValueError("--batch-size and --commit-every must be >= 1")
     precision, device = resolve_cli_precision(args), resolve_device(args)
-    paths, ids, base = _image_list(args.images, args.image_root, args.split, columns_of(args, ("image", "id")))
-    composer = _load_composer(args.model, args)
-    key = model_key_of(composer, args.model)
-    folder = Path(args.index)
-    index = EmbeddingIndex.open(folder, model_key=key) if (folder / INDEX_META).is_file() else None
-    todo = [i for i, item_id in enumerate(ids) if index is None or item_id not in index]
-    print(f"{len(paths)} images, {len(paths) - len(todo)} already indexed, {len(todo)} to embed")
-    bad_log = Path(args.bad_log) if args.bad_log else folder / "bad_images.log"
-    n_bad = 0
+    index = _open_index(folder, key)
+    failed: List[Dict[str, Any]] = []
     buffer_ids: List[Id] = []
     buffer_emb: List[torch.Tensor] = []
     buffer_bad: List[Dict[str, Any]] = []
@@ -103,21 +103,21 @@ def index_run(args: argparse.Namespace) -> int:
             return  # failures wait for rows: a new index needs an embedding to learn its dimension
         emb = torch.cat(buffer_emb)
         if index is None:
-            index = EmbeddingIndex.create(folder, int(emb.shape[1]), key, metric=args.metric)
+            index = EmbeddingIndex.create(folder, int(emb.shape[1]), key, metric=metric)
         index.add(list(buffer_ids), emb, skipped=list(buffer_bad))
         buffer_ids.clear()
         buffer_emb.clear()
         buffer_bad.clear()
 
     def record_bad(failure: Any) -> None:
-        nonlocal n_bad
-        n_bad += 1
-        buffer_bad.append({"id": ids[todo[failure.index]], "reason": failure.reason})
+        item = {"id": ids[todo[failure.index]], "reason": failure.reason}
+        buffer_bad.append(item)
+        failed.append(item)
 
     if todo:
         for positions, images in iter_image_batches(
             subset(paths, todo), None, args.batch_size, num_workers=args.num_workers,
-            log=bad_log, progress=not args.no_progress, on_failure=record_bad, desc="indexing",
+            log=bad_log, progress=progress, on_failure=record_bad, desc="indexing",
         ):
             with torch.no_grad(), autocast(precision, device):
                 emb = composer.encode_images(images)
@@ -126,20 +126,102 @@ def index_run(args: argparse.Namespace) -> int:
             if len(buffer_ids) >= args.commit_every:
                 commit()
         commit()
+    if buffer_bad and index is not None:  # failures after the last embedded image
+        index.add([], torch.empty(0, index.dim), skipped=list(buffer_bad))
+    return failed
+
+
+def _merge_part(folder: Path, key: str, metric: str, part: Path, info: Dict[str, Any]) -> None:
+    """Append one part's shard index (and its failures) to the index in `folder`, creating it from the first part."""
+    index = _open_index(folder, key)
+    shard = _open_index(part, key)
+    if shard is not None and len(shard):
+        if index is None:
+            index = EmbeddingIndex.create(folder, shard.dim, key, metric=metric)
+        if shard.dim != index.dim or shard.metric != index.metric:
+            raise EmbeddingIndexError(f"shard {part} holds dim {shard.dim} / {shard.metric} rows, the index {folder} "
+                                      f"dim {index.dim} / {index.metric}: they cannot be merged")
+        index.store.extend(shard.store)
+    failed = [item for item in info.get("skipped", []) if index is None or item["id"] not in index]
+    if failed and index is not None:
+        index.add([], torch.empty(0, index.dim), skipped=failed)
+
+
+def index_run(args: argparse.Namespace) -> int:
+    """Run ``zscir index``: embed new images of the gallery and append them to the index.
+
+    Under torchrun / accelerate launch every process embeds its part of the new images into
+    INDEX/shards/ (resumable per part) and the first process merges them in order.
+    """
+    from ..checkpoint import atomic_write_text
+
+    backend_params = _parse_params(args.backend_param, "--backend-param")
+    if args.batch_size < 1 or args.commit_every < 1:
+        raise ValueError("--batch-size and --commit-every must be >= 1")
+    precision = resolve_cli_precision(args)
+    paths, ids, base = _image_list(args.images, args.image_root, args.split, columns_of(args, ("image", "id")))
+    composer = _load_composer(args.model, args)
+    key = model_key_of(composer, args.model)
+    folder = Path(args.index)
+    index = _open_index(folder, key)
+    metric = index.metric if index is not None else args.metric
+    bad_log = Path(args.bad_log) if args.bad_log else folder / "bad_images.log"
+    workers = current_workers()
+    run = ShardedRun(folder / SHARDS_DIR, {"model_key": key, "metric": metric, "precision": precision}, workers,
+                     error=EmbeddingIndexError, noun="index")
+    position = {item_id: i for i, item_id in enumerate(ids)}
+    if run.active:
+        def todo_ids() -> List[Id]:
+            current = _open_index(folder, key)
+            return [i for i in ids if current is None or i not in current]
+
+        merged_failures: List[Dict[str, Any]] = []
+
+        def merge(part: Path, info: Dict[str, Any]) -> None:
+            _merge_part(folder, key, metric, part, info)
+            merged_failures.extend(info.get("skipped", []))
+
+        items = run.begin(todo_ids, merge)
+        if workers.is_main:
+            print(f"{len(paths)} images, {len(paths) - len(items)} already indexed, {len(items)} to embed "
+                  f"by {workers.world} process(es) in {run.plan['parts'] if run.plan else 0} part(s)")
+        for part, start, stop, shard in run.my_parts():
+            if run.is_done(part):
+                continue
+            done = _open_index(shard, key)
+            todo = [position[i] for i in items[start:stop] if done is None or i not in done]  # a part resumes
+            part_failed = _encode_into(shard, key, metric, composer, paths, ids, todo, args, bad_log,
+                                       progress=not args.no_progress and workers.is_main)
+            run.mark_done(part, skipped=part_failed)
+        if items:
+            run.finish(merge)
+        if not workers.is_main:
+            return 0
+        n_bad = len(merged_failures)
+        index = _open_index(folder, key)
+    else:
+        todo = [i for i, item_id in enumerate(ids) if index is None or item_id not in index]
+        print(f"{len(paths)} images, {len(paths) - len(todo)} already indexed, {len(todo)} to embed")
+        n_bad = len(_encode_into(folder, key, metric, composer, paths, ids, todo, args, bad_log,
+                                 progress=not args.no_progress))
+        index = _open_index(folder, key)
     if index is None:
         raise EmbeddingIndexError(f"nothing was indexed into {folder}: no image could be loaded")
-    if buffer_bad:  # failures after the last embedded image
-        index.add([], torch.empty(0, index.dim), skipped=list(buffer_bad))
     base = base or (Path(args.image_root) if args.image_root else None)
     if base is not None:
         atomic_write_text(folder / IMAGE_ROOT_FILE, str(base.resolve()) + "\n")  # lets `zscir search --out` find them
     if args.backend != "exact":
         print(f"building the {args.backend!r} backend over {len(index)} embeddings")
-        index.build_backend(args.backend, **backend_params)
+        built = index.build_backend(args.backend, **backend_params)
+        info = index.meta["backends"][args.backend]
+        print(f"{args.backend}: {built.bytes_per_vector():.0f} bytes per vector in memory, "
+              f"{info['file_bytes'] / len(index):.1f} bytes per vector on disk ({info['file']})")
     elif index.meta["backends"]:
         index.sync_backends()
     print(f"index {folder}: {len(index)} embeddings (dim {index.dim}); {n_bad} image(s) skipped"
           + (f", listed in {bad_log}" if n_bad else ""))
+    if args.export:
+        print(f"exported {len(index)} embeddings to {export_parquet(index, args.export)}")
     return 0
 
 

@@ -57,6 +57,7 @@ import torch
 from ..checkpoint import atomic_write_json
 from ..models.backbone import PatchGrid, resolve_patch_grid
 from ..precision import autocast, resolve_precision
+from ..search.shards import PLAN_NAME, SHARDS_DIR, ShardedRun, Workers, current_workers
 from ..search.store import STORE_FORMAT_VERSION, ArraySpec, EmbeddingStore, StoreAppend, StoreError
 from .images import ImageFailure, ImageSource, SliceSource, as_image_source, iter_image_batches
 
@@ -234,12 +235,16 @@ class FeatureCache:
         chunk_size: int = 4096,
         with_patches: bool = True,
         precision: str = "no",
+        workers: Optional[Workers] = None,
     ) -> "FeatureCache":
         """Encode a corpus (paths or an ImageSource) into `cache_dir`, or resume / reuse a matching cache; returns it opened.
 
         ``patch_grid``: pooled grid size ``g`` (or ``(gh, gw)``), None for the full
         grid. Images that fail to load are logged, skipped and marked invalid.
         ``precision``: the backbone's autocast ("no", "bf16", "fp16", "auto"; part of the key).
+        Under torchrun / accelerate launch (`workers`: default :func:`~zscir.search.shards.current_workers`)
+        every process must call this: each encodes its parts of the corpus in place, resumable per part,
+        and the cache equals a one-process build.
         """
         from tqdm.auto import tqdm
 
@@ -255,6 +260,8 @@ class FeatureCache:
         digest = _digest(key)
         folder = Path(cache_dir) / f"{_slug(key['backbone'])}-{digest[:16]}"
         meta_path = folder / META_NAME
+        workers = workers or current_workers()
+        sharded = workers.world > 1 or (folder / SHARDS_DIR / PLAN_NAME).is_file()
 
         if meta_path.is_file():
             meta = _read_meta(folder)
@@ -263,11 +270,12 @@ class FeatureCache:
             if meta["count"] >= n:
                 logger.info("reusing feature cache %s", folder)
                 return cls.open(folder, backbone_key=key["backbone"])
-            if "completed" in json.loads(meta_path.read_text()):
+            if "completed" in json.loads(meta_path.read_text()) and workers.is_main:
                 atomic_write_json(meta_path, meta)  # an interrupted cache of an older zscir: record it as a store
             store = _FeatureStore.open(folder, meta)
             logger.info("resuming feature cache %s at %d/%d images", folder, len(store), n)
-        else:
+        elif workers.is_main:  # with several processes the main one creates the arrays, before the others look
+
             embed_dim = int(backbone.embed_dim)
             patch_count = grid[0] * grid[1] if grid is not None else 0
             _check_disk_space(Path(cache_dir), n * disk_bytes_per_image(embed_dim, patch_count))
@@ -285,54 +293,29 @@ class FeatureCache:
                 "dtype": "float16",
                 "chunk_size": int(chunk_size),
             })
+        if sharded:
+            return cls._build_sharded(backbone, source, folder, key, grid, with_patches, batch_size, num_workers,
+                                      progress, workers)
 
         device, dtype = _model_device_dtype(backbone)
         was_training = bool(getattr(backbone, "training", False))
         if hasattr(backbone, "eval"):
             backbone.eval()
+        encoder = _RangeEncoder(backbone, source, key, grid, with_patches, device, dtype, folder, batch_size, num_workers)
         start = len(store)
         step = int(store.meta["chunk_size"])
         bar = tqdm(total=n, initial=start, desc="encoding images", unit="img", disable=not progress)
         try:
             while start < n:
                 stop = min(n, start + step)
-                failures: List[ImageFailure] = []
-
-                def record(failure: ImageFailure, offset: int = start) -> None:
-                    failures.append(ImageFailure(failure.index + offset, failure.path, failure.reason))
-                    bar.update(1)
-
                 # one transaction per chunk: an interruption resumes at the chunk's start
                 with store.append() as txn:
-                    chunk = _ChunkWriter(txn, start, int(store.meta["embed_dim"]), int(store.meta["patch_count"]),
-                                         with_patches)
-                    for idx, pixels in iter_image_batches(
-                        SliceSource(source, start, stop),
-                        backbone.preprocess,
-                        batch_size,
-                        num_workers=num_workers,
-                        progress=False,
-                        on_failure=record,
-                        abort_after=64 if start == 0 else stop - start + 1,
-                    ):
-                        rows = idx.numpy() + start
-                        with autocast(key.get("precision", "no"), device):
-                            pooled, patches = _encode(backbone, pixels, device, dtype, grid, with_patches)
-                        _check_finite(pooled, patches, rows, source)
-                        chunk.write(rows, pooled, patches)
-                        bar.update(len(rows))
-                    chunk.fill_to(stop)  # failed images at the end of the chunk
-                    if failures:
-                        with open(folder / FAILURES_LOG, "a", encoding="utf-8") as fh:
-                            fh.writelines(f"{f.index}\t{f.path}\t{f.reason}\n" for f in failures)
+                    failures, any_valid = encoder.encode(txn, start, stop, bar, first=start == 0)
                     for f in failures:
                         txn.skip(f.index, f.reason, path=f.path)
-                    if stop >= n and not chunk.any_valid and not np.asarray(store.array("valid")).any():
+                    if stop >= n and not any_valid and not np.asarray(store.array("valid")).any():
                         # leave the last chunk uncommitted: a fixed corpus can resume instead of reusing nothing
-                        raise FeatureCacheError(
-                            f"none of the {n} images could be loaded (see {folder / FAILURES_LOG}); "
-                            f"e.g. {failures[-1].path if failures else '?'}: {failures[-1].reason if failures else ''}"
-                        )
+                        raise _nothing_loaded(n, folder, failures)
                 start = stop
         finally:
             bar.close()
@@ -344,6 +327,137 @@ class FeatureCache:
                 len(store.skipped), n, folder / FAILURES_LOG,
             )
         return cls.open(folder, backbone_key=key["backbone"])
+
+    @classmethod
+    def _build_sharded(cls, backbone: Any, source: ImageSource, folder: Path, key: Dict[str, Any],
+                       grid: Optional[Tuple[int, int]], with_patches: bool, batch_size: int, num_workers: int,
+                       progress: bool, workers: Workers) -> "FeatureCache":
+        """Every process fills its parts of the preallocated arrays in place; the main process commits them in order."""
+        from tqdm.auto import tqdm
+
+        n = len(source)
+        run = ShardedRun(folder / SHARDS_DIR, {"digest": _digest(key)}, workers, error=FeatureCacheError,
+                         noun="feature cache", check_part=_read_progress)
+        store_of = lambda: _FeatureStore.open(folder, _read_meta(folder))  # noqa: E731  (re-read: others commit)
+        items = run.begin(lambda: range(len(store_of()), n), lambda part, info: _commit_part(store_of(), info))
+        store = store_of()
+        device, dtype = _model_device_dtype(backbone)
+        was_training = bool(getattr(backbone, "training", False))
+        if hasattr(backbone, "eval"):
+            backbone.eval()
+        encoder = _RangeEncoder(backbone, source, key, grid, with_patches, device, dtype, folder, batch_size, num_workers)
+        step = int(store.meta["chunk_size"])
+        mine = [(part, items[lo], items[hi - 1] + 1, where) for part, lo, hi, where in run.my_parts() if hi > lo]
+        bar = tqdm(total=sum(hi - lo for _, lo, hi, _ in mine), desc=f"encoding images (process {workers.rank})",
+                   unit="img", disable=not (progress and workers.is_main))
+        try:
+            for part, lo, hi, where in mine:
+                if run.is_done(part):
+                    bar.update(hi - lo)
+                    continue
+                state = _read_progress(where) if where.is_dir() else {"done": 0, "skipped": [], "any_valid": False}
+                row = lo + int(state["done"])
+                bar.update(row - lo)
+                while row < hi:  # chunk by chunk, each fsynced, then its progress recorded
+                    stop = min(hi, row + step)
+                    with store.write_at(row) as txn:
+                        failures, any_valid = encoder.encode(txn, row, stop, bar, first=row == lo)
+                    state = {"done": stop - lo, "any_valid": bool(state["any_valid"] or any_valid),
+                             "skipped": state["skipped"] + [{"id": f.index, "reason": f.reason, "path": f.path}
+                                                            for f in failures]}
+                    where.mkdir(parents=True, exist_ok=True)
+                    atomic_write_json(where / PROGRESS_NAME, state)
+                    row = stop
+                run.mark_done(part, start=lo, stop=hi, skipped=state["skipped"], any_valid=state["any_valid"])
+        finally:
+            bar.close()
+            if was_training and hasattr(backbone, "train"):
+                backbone.train()
+        if items:
+            run.finish(lambda part, info: _commit_part(store_of(), info))
+        return cls.open(folder, backbone_key=key["backbone"])
+
+
+PROGRESS_NAME = "progress.json"
+
+
+def _read_progress(folder: Path) -> Dict[str, Any]:
+    """A part's progress (rows done from its start, skipped images, whether any image loaded)."""
+    path = folder / PROGRESS_NAME
+    if not path.is_file():
+        return {"done": 0, "skipped": [], "any_valid": False}
+    try:
+        state = json.loads(path.read_text())
+        return {"done": int(state["done"]), "skipped": list(state["skipped"]), "any_valid": bool(state["any_valid"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FeatureCacheError(f"{path}: unreadable progress record ({err})") from None
+
+
+def _commit_part(store: EmbeddingStore, info: Dict[str, Any]) -> None:
+    """Commit one finished part's rows (it must continue the committed rows) and its skipped images."""
+    if not info:
+        return  # an unfinished part of an abandoned plan: its rows are encoded again
+    start, stop = int(info["start"]), int(info["stop"])
+    if stop <= len(store):
+        return  # committed before an interrupted merge
+    if start != len(store):
+        raise FeatureCacheError(f"{store.folder}: a part starts at row {start} but {len(store)} rows are committed")
+    capacity = min(spec.capacity or 0 for spec in store.arrays.values())
+    if stop >= capacity and not info.get("any_valid") and not np.asarray(store.array("valid")).any():
+        # the earlier parts (committed) loaded nothing either; the last one stays uncommitted, as in one process
+        failures = [ImageFailure(s["id"], s.get("path"), s["reason"]) for s in info.get("skipped", [])]
+        raise _nothing_loaded(capacity, store.folder, failures)
+    store.commit_count(stop, info.get("skipped", []))
+
+
+def _nothing_loaded(n: int, folder: Path, failures: Sequence[ImageFailure]) -> FeatureCacheError:
+    last = failures[-1] if failures else None
+    return FeatureCacheError(
+        f"none of the {n} images could be loaded (see {folder / FAILURES_LOG}); "
+        f"e.g. {last.path if last else '?'}: {last.reason if last else ''}"
+    )
+
+
+class _RangeEncoder:
+    """Encodes images [start, stop) of a corpus into a store transaction, in corpus order (one process's work)."""
+
+    def __init__(self, backbone: Any, source: ImageSource, key: Dict[str, Any], grid: Optional[Tuple[int, int]],
+                 with_patches: bool, device: torch.device, dtype: torch.dtype, folder: Path, batch_size: int,
+                 num_workers: int) -> None:
+        self.backbone, self.source, self.key, self.grid, self.with_patches = backbone, source, key, grid, with_patches
+        self.device, self.dtype, self.folder = device, dtype, folder
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def encode(self, txn: StoreAppend, start: int, stop: int, bar: Any, first: bool) -> Tuple[List[ImageFailure], bool]:
+        """Write rows start..stop-1 (zero rows, invalid, for images that fail); returns the failures and whether any loaded."""
+        failures: List[ImageFailure] = []
+
+        def record(failure: ImageFailure) -> None:
+            failures.append(ImageFailure(failure.index + start, failure.path, failure.reason))
+            bar.update(1)
+
+        meta = txn.store.meta
+        chunk = _ChunkWriter(txn, start, int(meta["embed_dim"]), int(meta["patch_count"]), self.with_patches)
+        for idx, pixels in iter_image_batches(
+            SliceSource(self.source, start, stop),
+            self.backbone.preprocess,
+            self.batch_size,
+            num_workers=self.num_workers,
+            progress=False,
+            on_failure=record,
+            abort_after=64 if first else stop - start + 1,
+        ):
+            rows = idx.numpy() + start
+            with autocast(self.key.get("precision", "no"), self.device):
+                pooled, patches = _encode(self.backbone, pixels, self.device, self.dtype, self.grid, self.with_patches)
+            _check_finite(pooled, patches, rows, self.source)
+            chunk.write(rows, pooled, patches)
+            bar.update(len(rows))
+        chunk.fill_to(stop)  # failed images at the end of the chunk
+        if failures:
+            with open(self.folder / FAILURES_LOG, "a", encoding="utf-8") as fh:
+                fh.writelines(f"{f.index}\t{f.path}\t{f.reason}\n" for f in failures)
+        return failures, chunk.any_valid
 
 
 class _ChunkWriter:

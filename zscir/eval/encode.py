@@ -11,6 +11,7 @@ read.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from ..checkpoint import CheckpointError, load_tensors
 from ..data.schema import CIRQuery, ImageId
 from ..precision import autocast, resolve_precision
+from ..search.shards import SHARDS_DIR, ShardedRun, Workers, current_workers, part_bounds
 from ..search.store import ArraySpec, EmbeddingStore, StoreError
 from .protocols import EvaluationError
 
@@ -118,11 +120,12 @@ def _image_batches(
 class _GalleryCache:
     """One gallery's features in a store keyed by absolute path (created on the first commit).
 
-    A cache that cannot be read or written is dropped with a warning: it may cost time, never the evaluation.
+    A cache that cannot be read or written is dropped with a warning: it may cost time, never the evaluation
+    (unless `strict`: the shards of several processes, where the cache is how they pass rows on).
     """
 
-    def __init__(self, folder: Path, model_key: str) -> None:
-        self.folder, self.model_key, self.enabled = folder, model_key, True
+    def __init__(self, folder: Path, model_key: str, strict: bool = False) -> None:
+        self.folder, self.model_key, self.enabled, self.strict = folder, model_key, True, strict
         self.store: Optional[EmbeddingStore] = None
         self.pending: Dict[str, torch.Tensor] = {}  # one row per file, even if the gallery lists it twice
         self.failed: List[Dict[str, Any]] = []
@@ -133,6 +136,8 @@ class _GalleryCache:
                 self._drop(f"ignoring unreadable gallery cache {folder}: {err}")
 
     def _drop(self, message: str) -> None:
+        if self.strict:
+            raise EvaluationError(message)
         logger.warning("%s", message)
         self.enabled, self.store = False, None
 
@@ -197,6 +202,26 @@ def _read_legacy_cache(cache_dir: Path, key: str, paths: Sequence[Path]) -> Opti
 
 
 # ---------------------------------------------------------------------------- encoding
+def _embed(model: RetrievalModel, paths: Sequence[Path], batch_size: int, num_workers: int, progress: bool, desc: str,
+           precision: str, device: Any) -> Iterator[Tuple[int, Optional[torch.Tensor], Optional[str]]]:
+    """(position, features or None, failure message or None) for each image, in order; load failures come last."""
+    load_failures: Dict[int, str] = {}
+    if paths:
+        with torch.inference_mode():
+            for positions, images in _image_batches(paths, batch_size, num_workers, progress, desc, load_failures):
+                with autocast(precision, device):
+                    out = model.encode_images(images)
+                feats = _as_features(out, len(images), f"{desc}: encode_images")
+                bad = set(_nonfinite_rows(feats))
+                for row, p in enumerate(positions.tolist()):
+                    if row in bad:
+                        yield p, None, f"the model returned a non-finite embedding for {paths[p]}"
+                    else:
+                        yield p, feats[row], None
+    for p, reason in load_failures.items():
+        yield p, None, reason
+
+
 def encode_gallery(
     model: RetrievalModel,
     ids: Sequence[ImageId],
@@ -207,6 +232,7 @@ def encode_gallery(
     desc: str = "gallery",
     num_workers: int = 0,
     precision: str = "no",
+    workers: Optional[Workers] = None,
 ) -> Tuple[torch.Tensor, Dict[ImageId, str]]:
     """Embed gallery images ([N, D], rows of unusable images are NaN) and return the failures by id.
 
@@ -214,6 +240,9 @@ def encode_gallery(
     :func:`gallery_cache_key` (and the precision) and reused (or resumed) on the next call.
     `num_workers` decoding processes feed the model (0: decode in this process).
     `precision` ("no", "bf16", "fp16", "auto") is the model's autocast; the rows are float32.
+    Under torchrun / accelerate launch (`workers`: default :func:`~zscir.search.shards.current_workers`) every
+    process must call this: each embeds its part of the gallery (into the cache, resumable per part, or
+    gathered over the process group without one) and every process gets the one-process result.
     """
     if len(ids) != len(paths):
         raise ValueError(f"encode_gallery: {len(ids)} ids but {len(paths)} paths")
@@ -221,6 +250,7 @@ def encode_gallery(
         raise EvaluationError(f"{desc}: the gallery is empty")
     device = model_device(model)
     precision = resolve_precision(precision, device)
+    workers = workers or current_workers()
     model_key = getattr(model, "cache_key", None)
     absolute = [os.path.abspath(p) for p in paths]
     cache: Optional[_GalleryCache] = None
@@ -231,42 +261,135 @@ def encode_gallery(
         legacy = _read_legacy_cache(Path(cache_dir), key, paths)
         if legacy is not None:
             return legacy, {}
-        cache = _GalleryCache(Path(cache_dir) / f"gallery-{key[:32]}", model_key)
+        folder = Path(cache_dir) / f"gallery-{key[:32]}"
+        run = ShardedRun(folder / SHARDS_DIR, {"model_key": model_key}, workers, error=EvaluationError,
+                         noun="gallery cache")
+        if run.active:
+            return _encode_gallery_sharded(model, ids, paths, run, folder, model_key, batch_size, progress, desc,
+                                           num_workers, precision)
+        cache = _GalleryCache(folder, model_key)
         for i, feats in cache.lookup(absolute).items():
             rows[i] = feats
+    elif workers.world > 1:
+        return _encode_gallery_gathered(model, ids, paths, workers, batch_size, progress, desc, num_workers, precision)
     todo = [i for i, r in enumerate(rows) if r is None]
 
-    load_failures: Dict[int, str] = {}
     failures: Dict[ImageId, str] = {}
-    if todo:
-        with torch.inference_mode():
-            for positions, images in _image_batches([paths[i] for i in todo], batch_size, num_workers, progress, desc,
-                                                    load_failures):
-                with autocast(precision, device):
-                    out = model.encode_images(images)
-                feats = _as_features(out, len(images), f"{desc}: encode_images")
-                bad = set(_nonfinite_rows(feats))
-                for row, p in enumerate(positions.tolist()):
-                    i = todo[p]
-                    if row in bad:
-                        failures[ids[i]] = f"the model returned a non-finite embedding for {paths[i]}"
-                        if cache is not None:
-                            cache.skip(absolute[i], "non-finite embedding")
-                    else:
-                        rows[i] = feats[row]
-                        if cache is not None:
-                            cache.put(absolute[i], feats[row])
-    for p, reason in load_failures.items():
-        failures[ids[todo[p]]] = reason
-        if cache is not None:
-            cache.skip(absolute[todo[p]], reason)
+    for p, feats, message in _embed(model, [paths[i] for i in todo], batch_size, num_workers, progress, desc,
+                                    precision, device):
+        i = todo[p]
+        if feats is None:
+            failures[ids[i]] = message
+            if cache is not None:
+                cache.skip(absolute[i], "non-finite embedding" if message.startswith("the model") else message)
+        else:
+            rows[i] = feats
+            if cache is not None:
+                cache.put(absolute[i], feats)
     if cache is not None:
         cache.commit()
+    return _stack_rows(rows, failures, ids, desc)
+
+
+def _stack_rows(rows: Sequence[Optional[torch.Tensor]], failures: Dict[ImageId, str], ids: Sequence[ImageId],
+                desc: str) -> Tuple[torch.Tensor, Dict[ImageId, str]]:
+    """The rows as one tensor, NaN where an image failed (an error if all did)."""
     dim = next((r.shape[0] for r in rows if r is not None), None)
     if dim is None:
-        raise EvaluationError(f"{desc}: none of the {len(ids)} gallery images could be embedded, e.g. {next(iter(failures.values()))}")
+        example = next(iter(failures.values()), "no image could be read")
+        raise EvaluationError(f"{desc}: none of the {len(ids)} gallery images could be embedded, e.g. {example}")
     nan_row = torch.full((dim,), float("nan"))
     return torch.stack([r if r is not None else nan_row for r in rows]), failures
+
+
+def _encode_gallery_sharded(model: RetrievalModel, ids: Sequence[ImageId], paths: Sequence[Path], run: ShardedRun,
+                            folder: Path, model_key: str, batch_size: int, progress: bool, desc: str,
+                            num_workers: int, precision: str) -> Tuple[torch.Tensor, Dict[ImageId, str]]:
+    """Each process embeds its parts into shard stores; the main one merges them into the cache; all read it."""
+    absolute = [os.path.abspath(p) for p in paths]
+    given = {}
+    for a, p in zip(absolute, paths):
+        given.setdefault(a, p)
+    held: List[Dict[str, Any]] = []  # failures before the cache has a row (a new store learns its width from one)
+
+    def todo() -> List[str]:
+        store = _GalleryCache(folder, model_key, strict=True).store
+        return [a for a in given if store is None or a not in store]
+
+    def merge(part: Path, info: Dict[str, Any]) -> None:
+        target = _GalleryCache(folder, model_key, strict=True)
+        shard = EmbeddingStore.open(part) if (part / "meta.json").is_file() else None
+        held.extend(info.get("skipped", []))
+        if shard is not None and len(shard):
+            if target.store is None:
+                target.store = EmbeddingStore.create(folder, shard.arrays, meta={"model_key": model_key})
+            target.store.extend(shard)
+        if target.store is not None and held:
+            target.store.add([], {"embeddings": np.zeros((0, *target.store.arrays["embeddings"].shape), np.float32)},
+                             skipped=[s for s in held if s["id"] not in target.store])
+            held.clear()
+
+    items = run.begin(todo, merge)
+    workers = run.workers
+    device = model_device(model)
+    for part, start, stop, where in run.my_parts():
+        if run.is_done(part):
+            continue
+        shard = _GalleryCache(where, model_key, strict=True)
+        part_items = [a for a in items[start:stop] if shard.store is None or a not in shard.store]  # a part resumes
+        failed: List[Dict[str, Any]] = []
+        for p, feats, message in _embed(model, [given[a] for a in part_items], batch_size, num_workers,
+                                        progress and workers.is_main, f"{desc} (process {workers.rank})", precision,
+                                        device):
+            if feats is None:
+                failed.append({"id": part_items[p], "reason": message})
+            else:
+                shard.put(part_items[p], feats)
+        shard.commit()
+        run.mark_done(part, skipped=failed)
+    if items:
+        run.finish(merge)
+    cache = _GalleryCache(folder, model_key, strict=True)
+    found = cache.lookup(absolute)
+    reasons = {s["id"]: s["reason"] for s in (cache.store.skipped if cache.store is not None else [])}
+    rows: List[Optional[torch.Tensor]] = [found.get(i) for i in range(len(ids))]
+    failures = {ids[i]: reasons.get(a, "not embedded") for i, a in enumerate(absolute) if rows[i] is None}
+    return _stack_rows(rows, failures, ids, desc)
+
+
+def _encode_gallery_gathered(model: RetrievalModel, ids: Sequence[ImageId], paths: Sequence[Path], workers: Workers,
+                             batch_size: int, progress: bool, desc: str, num_workers: int, precision: str
+                             ) -> Tuple[torch.Tensor, Dict[ImageId, str]]:
+    """Without a cache: each process embeds one contiguous part; the parts are gathered (safetensors bytes)."""
+    from safetensors.torch import load as load_bytes
+    from safetensors.torch import save as save_bytes
+
+    start, stop = part_bounds(len(paths), workers.rank, workers.world)
+    feats: Dict[str, torch.Tensor] = {}
+    failed: Dict[str, str] = {}
+    for p, row, message in _embed(model, list(paths[start:stop]), batch_size, num_workers,
+                                  progress and workers.is_main, f"{desc} (process {workers.rank})", precision,
+                                  model_device(model)):
+        if row is None:
+            failed[str(start + p)] = message
+        else:
+            feats[str(start + p)] = row.contiguous()
+    rows: List[Optional[torch.Tensor]] = [None] * len(ids)
+    failures: Dict[ImageId, str] = {}
+    for blob in workers.gather_bytes(save_bytes(feats, metadata={"failed": json.dumps(failed)})):
+        part = load_bytes(blob)
+        for pos, row in part.items():
+            rows[int(pos)] = row
+        for pos, message in _failed_of(blob).items():
+            failures[ids[int(pos)]] = message
+    return _stack_rows(rows, failures, ids, desc)
+
+
+def _failed_of(blob: bytes) -> Dict[str, str]:
+    """The failures a gathered part recorded in its safetensors header."""
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + header_len])
+    return json.loads(header.get("__metadata__", {}).get("failed", "{}"))
 
 
 def encode_queries(

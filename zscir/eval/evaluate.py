@@ -22,6 +22,7 @@ import torch
 from ..checkpoint import atomic_write_json
 from ..data.schema import CIRQuery, CIRSplit, ImageId
 from ..precision import resolve_precision
+from ..search.shards import current_workers
 from .encode import PathLike, RetrievalModel, default_cache_dir, encode_gallery, encode_queries, model_device
 from .protocols import (ASPECT_PREFIX, BENCHMARKS, RANKING_DEPTH, EvaluationError, MissingImagesError, compute_metrics,
                         load_benchmark, rank_split, skip_reason, write_submission)
@@ -226,6 +227,9 @@ def evaluate(
     if results["num_skipped"]:
         warnings.append(f"{results['num_skipped']} of {data.num_queries} queries were skipped (allow_missing): "
                         "the metrics are not comparable with published numbers")
+    if not current_workers().is_main:  # under torchrun every process evaluates; the first one writes and prints
+        save_rankings = submission_dir = out = None
+        print_results = False
     if save_rankings is not None:
         results["rankings_file"] = str(write_rankings(save_rankings, rankings, data.dataset, data.split, RANKING_DEPTH))
     if submission_dir is not None:

@@ -34,17 +34,12 @@ def _import_faiss(backend: str) -> Any:
     return faiss
 
 
-def _check_id(value: Any, position: int) -> Id:
-    if isinstance(value, bool) or not isinstance(value, (str, int, np.integer)):
-        raise TypeError(f"ids[{position}] = {value!r}: ids must be strings or integers")
-    return int(value) if isinstance(value, np.integer) else value
-
-
 # ----------------------------------------------------------------------------- backends
 class SearchBackend(abc.ABC):
     """A way to search an :class:`EmbeddingIndex`; FAISS ones persist a file in the index folder."""
 
     approximate = True
+    lossy = False  # scores from compressed codes: searches re-rank candidates exactly by default
 
     def __init__(self, dim: int, **params: Any) -> None:
         self.dim = dim
@@ -70,6 +65,10 @@ class SearchBackend(abc.ABC):
     def save(self, path: Path) -> None:
         """Write the structure to `path` atomically."""
 
+    def bytes_per_vector(self) -> float:
+        """Memory per stored vector when loaded (codes and ids, without the fixed part: centroids, codebooks)."""
+        return float("nan")
+
     @classmethod
     @abc.abstractmethod
     def load(cls, path: Path, dim: int, params: Dict[str, Any]) -> "SearchBackend":
@@ -83,6 +82,13 @@ class _FaissBackend(SearchBackend):
     """Common FAISS plumbing: an ``index_factory`` string, inner-product metric, chunked adds."""
 
     search_defaults: Dict[str, Any] = {}
+    mappable = False  # inverted lists that can stay on disk, memory-mapped (build param mmap=1)
+    mapped = False  # this structure's lists are memory-mapped from its file
+
+    def __init__(self, dim: int, **params: Any) -> None:
+        super().__init__(dim, **params)
+        if self.params.get("mmap") and not self.mappable:
+            raise ValueError(f"the {self.name!r} backend cannot be memory-mapped; mmap applies to ivf and ivfpq")
 
     @abc.abstractmethod
     def factory_string(self, n: int) -> str:
@@ -109,7 +115,27 @@ class _FaissBackend(SearchBackend):
 
     def add(self, vectors: np.ndarray) -> None:
         if len(vectors):
+            if self.mapped:  # memory-mapped lists are read-only: read the whole structure into memory first
+                self.faiss_index = _import_faiss(self.name).read_index(str(self.path))
+                self.mapped = False
             self.faiss_index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def bytes_per_vector(self) -> float:
+        """Codes plus the 8-byte id of an inverted-list entry (IVF), or the code size (flat, PQ, HNSW storage + links)."""
+        faiss = _import_faiss(self.name)
+        try:
+            ivf = faiss.extract_index_ivf(self.faiss_index)
+        except RuntimeError:
+            ivf = None
+        if ivf is not None:
+            return float(ivf.code_size + np.dtype(np.int64).itemsize)
+        index = faiss.downcast_index(self.faiss_index)
+        size = float(getattr(index, "code_size", 0))
+        hnsw = getattr(index, "hnsw", None)
+        if hnsw is not None:
+            size = float(faiss.downcast_index(index.storage).code_size)
+            size += 4 * hnsw.neighbors.size() / max(1, index.ntotal)
+        return size
 
     @property
     def ntotal(self) -> int:
@@ -141,8 +167,11 @@ class _FaissBackend(SearchBackend):
     def load(cls, path: Path, dim: int, params: Dict[str, Any]) -> "SearchBackend":
         faiss = _import_faiss(cls.name)
         backend = cls(dim, **params)
+        backend.path = path
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if params.get("mmap") else 0
         try:
-            backend.faiss_index = faiss.read_index(str(path))
+            backend.faiss_index = faiss.read_index(str(path), flags)
+            backend.mapped = bool(flags)
         except RuntimeError as err:
             raise EmbeddingIndexError(f"cannot read FAISS index {path}: {err}") from None
         if backend.faiss_index.d != dim:
@@ -172,6 +201,7 @@ class IVFBackend(_FaissBackend):
 
     name = "ivf"
     search_defaults = {"nprobe": 32}
+    mappable = True
 
     def factory_string(self, n: int) -> str:
         self.params.setdefault("nlist", _default_nlist(n))
@@ -212,6 +242,7 @@ class PQBackend(_FaissBackend):
     """FAISS product quantization, brute force over compressed codes (params: m, nbits)."""
 
     name = "pq"
+    lossy = True
 
     def factory_string(self, n: int) -> str:
         self.params.setdefault("m", _default_pq_m(self.dim))
@@ -223,15 +254,42 @@ class PQBackend(_FaissBackend):
 
 @BACKENDS.register("ivfpq")
 class IVFPQBackend(_FaissBackend):
-    """FAISS IVF with product-quantized lists (params: nlist, m, nbits; search: nprobe)."""
+    """FAISS IVF with product-quantized lists (params: nlist, m, nbits, opq, fastscan, mmap; search: nprobe).
+
+    A vector costs ``m * nbits / 8`` bytes of code plus an 8-byte id. ``opq=1``
+    learns a rotation to ``m * (dim // m)`` dimensions first (any ``m``, e.g.
+    56 for 64 bytes per vector at dim 512); ``fastscan=1`` uses 4-bit codes
+    scanned with SIMD (quick to train and search; kept in memory); ``mmap=1``
+    leaves the lists on disk, memory-mapped. Searches re-rank the candidates
+    exactly from the stored rows.
+    """
 
     name = "ivfpq"
     search_defaults = {"nprobe": 32}
+    mappable = True
+    lossy = True
 
     def factory_string(self, n: int) -> str:
         self.params.setdefault("nlist", _default_nlist(n))
-        self.params.setdefault("m", _default_pq_m(self.dim))
-        return f"IVF{int(self.params['nlist'])},PQ{int(self.params['m'])}x{int(self.params.get('nbits', 8))}"
+        opq = bool(self.params.get("opq", False))
+        self.params.setdefault("m", min(64, self.dim) if opq else _default_pq_m(self.dim))
+        m, nbits = int(self.params["m"]), int(self.params.get("nbits", 8))
+        if not 1 <= m <= self.dim:
+            raise ValueError(f"m must be in [1, {self.dim}], got {m}")
+        if self.params.get("fastscan"):
+            if self.params.get("mmap"):
+                raise ValueError("fast-scan lists cannot be memory-mapped; use fastscan=1 or mmap=1")
+            if "nbits" in self.params and nbits != 4:
+                raise ValueError(f"fast-scan codes have 4 bits, got nbits={nbits}")
+            self.params["nbits"], codes = 4, f"PQ{m}x4fs"
+        else:
+            codes = f"PQ{m}x{nbits}"
+        ivf = f"IVF{int(self.params['nlist'])},{codes}"
+        if opq:
+            return f"OPQ{m}_{m * (self.dim // m)},{ivf}"
+        if self.dim % m:
+            raise ValueError(f"m={m} must divide the dimension {self.dim} (or set opq=1)")
+        return ivf
 
     def train_size(self, n: int) -> int:
         return max(40 * int(self.params["nlist"]), 256 * (1 << int(self.params.get("nbits", 8))))
@@ -245,18 +303,23 @@ def exact_rerank(queries: torch.Tensor, embeddings: np.ndarray, rows: np.ndarray
 
     Returns ``(scores [Q, k], rows [Q, k])`` ordered by exact score, equal
     scores by row (the :func:`~zscir.search.exact.exact_topk` tie rule), padded
-    with ``-inf`` / ``-1`` where a query has fewer than k candidates.
+    with ``-inf`` / ``-1`` where a query has fewer than k candidates. Each query
+    reads only its own candidates' rows (sorted, once each), so memory stays at
+    one query's candidates whatever the batch.
     """
     from .exact import _sorted_by_score_then_index
 
-    cand = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    rows = np.asarray(rows, dtype=np.int64)
+    cand = torch.from_numpy(rows)
     valid = cand >= 0
-    flat = cand.clamp_min(0).flatten().numpy()
-    needed = np.unique(flat)  # sorted: each stored row is read once
-    vectors = torch.from_numpy(np.asarray(embeddings[needed], dtype=np.float32))
-    lookup = torch.from_numpy(np.searchsorted(needed, flat)).reshape(cand.shape)
-    scores = torch.einsum("qd,qcd->qc", queries.float(), vectors[lookup])
-    scores = scores.masked_fill(~valid, float("-inf"))
+    scores = torch.full(cand.shape, float("-inf"))
+    q = queries.float()
+    for i in range(rows.shape[0]):
+        ok = rows[i] >= 0
+        needed, where = np.unique(rows[i][ok], return_inverse=True)
+        # torch upcasts float16 several times faster than numpy
+        vectors = torch.from_numpy(np.ascontiguousarray(embeddings[needed])).float()
+        scores[i, torch.from_numpy(ok)] = (vectors @ q[i])[torch.from_numpy(where.reshape(-1))]
     scores, cand = _sorted_by_score_then_index(scores, cand.masked_fill(~valid, torch.iinfo(torch.int64).max))
     scores, cand = scores[:, :k], cand[:, :k]
     return scores, cand.masked_fill(torch.isneginf(scores), -1)

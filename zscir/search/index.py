@@ -35,6 +35,7 @@ INDEX_IDS = IDS_NAME
 INDEX_EMBEDDINGS = "embeddings.f16"
 IMAGE_ROOT_FILE = "image_root.txt"  # the folder the ids are relative to (lets `zscir search --out` find the images)
 METRICS = ("cosine", "ip")
+RERANK_FACTOR = 10  # compressed backends fetch 10 k candidates and re-rank them exactly (bench_scale.py: --rerank-factor)
 _REQUIRED = ("format_version", "dim", "count", "model_key", "metric", "ids_bytes", "backends")
 
 
@@ -212,9 +213,11 @@ class EmbeddingIndex:
 
     def _save_backend(self, name: str, backend: SearchBackend) -> None:
         with self.store.lock():
-            backend.save(self.folder / f"{name}.faiss")
+            path = self.folder / f"{name}.faiss"
+            backend.save(path)
             backends = dict(self.meta["backends"])
-            backends[name] = {"params": backend.params, "count": backend.ntotal, "file": f"{name}.faiss"}
+            backends[name] = {"params": backend.params, "count": backend.ntotal, "file": path.name,
+                              "file_bytes": path.stat().st_size, "bytes_per_vector": backend.bytes_per_vector()}
             self.store.set_meta(backends=backends)
         self._backends[name] = backend
 
@@ -268,13 +271,14 @@ class EmbeddingIndex:
         k: int,
         exclude_ids: Optional[Sequence[Sequence[Id]]] = None,
         backend: str = "exact",
-        rerank: int = 0,
+        rerank: Optional[int] = None,
         **search_params: Any,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-k rows per query: (scores [Q, k'] float32, rows [Q, k'] int64), k' = min(k, count); -1 pads short rows.
 
         With a FAISS `backend`, ``rerank=C`` (C >= k) fetches C candidates and
-        orders them by their exact score against the stored rows.
+        orders them by their exact score against the stored rows; None: ``RERANK_FACTOR * k``
+        for the compressed backends (``pq``, ``ivfpq``), none for the others; 0: never.
         """
         if len(self) == 0:
             raise EmbeddingIndexError(f"the index {self.folder} is empty")
@@ -291,6 +295,8 @@ class EmbeddingIndex:
                 raise ValueError(f"the exact backend takes no search parameters, got {sorted(search_params) + (['rerank'] if rerank else [])}")
             return exact_topk(q, self.embeddings, k, exclude=exclude_rows)
         engine = self._backend(backend)
+        if rerank is None:
+            rerank = RERANK_FACTOR * k if engine.lossy else 0
         k = min(k, len(self))
         wanted = min(len(self), max(k, rerank))
         extra = max((len(set(r)) for r in exclude_rows), default=0) if exclude_rows else 0
@@ -313,7 +319,7 @@ class EmbeddingIndex:
         k: int,
         exclude_ids: Optional[Sequence[Sequence[Id]]] = None,
         backend: str = "exact",
-        rerank: int = 0,
+        rerank: Optional[int] = None,
         **search_params: Any,
     ) -> List[List[Tuple[Id, float]]]:
         """Top-k ``(id, score)`` lists per query, best first (ties by insertion order for ``exact``)."""

@@ -314,6 +314,65 @@ class EmbeddingStore:
                 txn.close()
             txn.commit()
 
+    @contextlib.contextmanager
+    def write_at(self, row: int) -> Iterator["StoreAppend"]:
+        """Rows written through it fill preallocated rows `row`, `row` + 1, ... and are fsynced; nothing is committed.
+
+        For several processes filling disjoint row ranges of one preallocated
+        store (sharded encoding): each records its own progress, and the
+        owner commits the rows later with :meth:`commit_count`.
+        """
+        growing = sorted(name for name, spec in self.arrays.items() if spec.capacity is None)
+        if growing or not self.positional_ids:
+            raise self.error(f"{self.folder}: write_at needs preallocated arrays and positional ids "
+                             f"(growing arrays: {growing}, positional ids: {self.positional_ids})")
+        txn = StoreAppend(self, start=int(row))
+        try:
+            yield txn
+        finally:
+            txn.close()
+
+    def commit_count(self, count: int, skipped: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Commit rows up to `count` that :meth:`write_at` filled, and record skipped items, in one ``meta.json`` write."""
+        capacity = min((spec.capacity for spec in self.arrays.values()), default=0)
+        if not self.positional_ids or not len(self) <= count <= (capacity or 0):
+            raise ValueError(f"cannot commit {count} rows of {self.folder} ({len(self)} committed, capacity {capacity})")
+        with self.lock():
+            self._check_unchanged()
+            new = {s["id"] for s in skipped}
+            kept = [s for s in self.meta.get("skipped", []) if s["id"] not in new]
+            meta = dict(self.meta, count=int(count), skipped=kept + [dict(s) for s in skipped])
+            atomic_write_json(self.folder / META_NAME, meta)
+            self.meta = meta
+            self._maps.clear()
+
+    def extend(self, other: "EmbeddingStore", rows_per_write: int = 65536) -> int:
+        """Append the rows and skipped items of `other` (same arrays) in one transaction; returns the rows added.
+
+        Rows whose id this store already holds are left out, so extending again
+        after an interrupted merge adds nothing twice.
+        """
+        mine = {name: (spec.dtype, spec.shape) for name, spec in self.arrays.items()}
+        theirs = {name: (spec.dtype, spec.shape) for name, spec in other.arrays.items()}
+        if mine != theirs:
+            raise self.error(f"{other.folder} has arrays {theirs}, {self.folder} has {mine}: they cannot be merged")
+        if self.positional_ids or other.positional_ids:
+            raise self.error(f"{self.folder}: only stores with ids can be extended from another store")
+        ids = other.ids
+        added = 0
+        with self.append() as txn:
+            for start in range(0, len(ids), rows_per_write):
+                stop = min(len(ids), start + rows_per_write)
+                keep = [r for r in range(start, stop) if ids[r] not in self]
+                if keep:
+                    sel = slice(start, stop) if len(keep) == stop - start else keep
+                    txn.write({name: np.asarray(other.array(name)[sel]) for name in mine}, [ids[r] for r in keep])
+                    added += len(keep)
+            for item in other.skipped:
+                if item["id"] not in self and item["id"] not in txn._new_ids:
+                    txn.skip(**item)
+        return added
+
     def add(self, ids: Optional[Sequence[Id]], rows: Mapping[str, np.ndarray],
             skipped: Sequence[Mapping[str, Any]] = ()) -> None:
         """Append rows of every array with their ids (None for positional ids) and record skipped items, in one commit."""
@@ -326,9 +385,9 @@ class EmbeddingStore:
 class StoreAppend:
     """The open files of one append: rows go past the committed count until :meth:`commit`."""
 
-    def __init__(self, store: EmbeddingStore) -> None:
+    def __init__(self, store: EmbeddingStore, start: Optional[int] = None) -> None:
         self.store = store
-        self.count = len(store)
+        self.count = len(store) if start is None else int(start)  # the row the first write lands on
         self.rows = 0  # rows written so far in this transaction
         self.ids: List[Id] = []
         self._ids_blob: List[bytes] = []
