@@ -185,7 +185,8 @@ def main() -> None:
     ap.add_argument("--step-cost", action="store_true", help="also time a default Stage-II step")
     ap.add_argument("--out", type=Path, default=Path(".bench/stage2"))
     args = ap.parse_args()
-    names = {"all": list(ROWS), "none": []}.get(args.rows) or [r.strip() for r in args.rows.split(";") if r.strip()]
+    special = {"all": list(ROWS), "none": []}
+    names = special[args.rows] if args.rows in special else [r.strip() for r in args.rows.split(";") if r.strip()]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         raise SystemExit(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
@@ -235,7 +236,7 @@ def main() -> None:
         comp = Composer.from_pretrained(s1_dir)
         cfg = Stage2Config()
         prepare_stage2(comp, cfg.adapters)
-        cost = step_cost(comp, triplet_features(comp, world, dataclasses.replace(ROWS["default"], triplets=512)), cfg)
+        cost = step_cost(comp, triplet_features(comp, world, dataclasses.replace(next(iter(ROWS.values())), triplets=512)), cfg)
     head = f"{'method (' + args.split + ' split)':<56}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@50':>7}{'mR@10':>7}{'train-phr R@10':>16}{'s':>6}"
     print("\n" + head + "\n" + "-" * len(head))
     for name, res in baselines.items():
