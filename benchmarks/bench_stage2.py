@@ -50,7 +50,7 @@ class Row:
     overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-# The defaults before this table: LoRA rank 16, phi frozen, query-side negative only, 300 steps.
+# The defaults before this table: LoRA rank 16, phi frozen, query-side negative only, 300 steps (2k triplets).
 BEFORE = {"adapters.rank": 16, "adapters.alpha": 16.0, "train_phi": False, "components": ("query_negative",),
           "train.steps": 300, "train.warmup_steps": 30}
 EXPLICIT = ("query_negative", "explicit")
@@ -64,6 +64,7 @@ def _before(**changes: Any) -> Dict[str, Any]:
 
 ROWS: Dict[str, Row] = {
     "default (20k triplets, 600 steps)": Row(),
+    "default + query-side negative": Row(overrides={"components": ("query_negative", "text_augment")}),
     "before: 2k triplets": Row(triplets=2_000, overrides=BEFORE),
     "2k + explicit negatives (siblings + reference)": Row(triplets=2_000, negatives=3, overrides=_before(components=EXPLICIT)),
     "2k + explicit negatives (siblings only)": Row(triplets=2_000, negatives=3, reference_negative=False,

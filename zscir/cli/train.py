@@ -390,7 +390,7 @@ def stage2_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-rank", type=int, default=None)
     parser.add_argument("--components", default=None,
                         help="comma-separated Stage-II components, e.g. reference,query_negative (default: the "
-                             "config's, query_negative,text_augment)")
+                             "config's, text_augment)")
     _add_corpus_argument(parser, "images whose features serve as mined/bank negatives")
     add_cache_argument(parser, "--feature-cache", "feature cache of the --corpus images (default: OUT/features)")
     parser.add_argument("--train-phi", action=argparse.BooleanOptionalAction, default=None,
