@@ -23,7 +23,7 @@ def test_demo_writes_everything(demo_run):
         assert (out / name).is_file(), name
     rows = results["composed_retrieval"]
     assert set(rows) == {"image only", "text only", "image + text sum", "Pic2Word-style", "SEARLE-style",
-                         "zscir Stage I", "zscir Stage II"}
+                         "zscir Stage I", "zscir Stage II", "target caption (oracle)", "reference caption + text"}
     for r in rows.values():
         assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= r["R@50"] <= 100
     assert json.loads((out / "results.json").read_text())["composed_retrieval"] == rows
