@@ -14,12 +14,13 @@ Speed: one Stage-I training step on cached features, against a forward+backward 
 bare frozen text encoder on the same batch of prompts (with the pseudo tokens as leaf inputs).
 
     python benchmarks/bench_stage1.py [--steps 400] [--images 20000] [--clip-preset fast] [--out .bench/stage1.json]
+    python benchmarks/bench_stage1.py --caption-cost   # train-stage1 steps with captions vs without (10k pairs)
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from zscir.eval.shapes_eval import (ShapesBenchmark, composer_encoder, image_onl
 from zscir.models.phi import PhiConfig
 from zscir.train.clip_pretrain import pretrained_tiny_clip
 from zscir.train.engine import TrainConfig
-from zscir.train.features import shapes_features
+from zscir.train.features import caption_features, shapes_features
 from zscir.train.stage1 import Stage1Config, Stage1Task, train_stage1
 
 VARIANTS = {
@@ -72,6 +73,35 @@ def step_cost(composer: Composer, features, cfg: Stage1Config, repeats: int = 10
     return times
 
 
+def caption_step_cost(clip_dir: Path, world: ShapesWorld, images: int = 10_000, per_image: int = 1, steps: int = 40,
+                      repeats: int = 3) -> dict:
+    """Seconds per train-stage1 step (whole engine step: batch, forward, backward, optimizer) on `images`
+    image-caption pairs, image-only targets against caption targets (+ image mix + text term); interleaved runs."""
+    scenes = world.scenes(images, stream="stage1")
+    comp = Composer.from_clip(str(clip_dir), phi=PhiConfig())
+    feats = shapes_features(comp, scenes, 64)
+    start = time.perf_counter()
+    caps = caption_features(comp.backbone, world.captions_of(scenes, per_image))
+    encode_seconds = time.perf_counter() - start
+    settings = {"image-only targets": {}, "image + caption targets": {"targets": "both"},
+                "image + caption targets + text term": {"targets": "both", "text_weight": 1.0}}
+    samples = {name: [] for name in settings}
+    for _ in range(repeats):
+        for name, extra in settings.items():
+            torch.manual_seed(0)
+            c = Composer.from_clip(str(clip_dir), phi=PhiConfig())
+            cfg = Stage1Config(phi=c.phi.config, train=TrainConfig(steps=steps, batch_size=128, lr=5e-4,
+                                                                   warmup_steps=5), **extra)
+            t = time.perf_counter()
+            train_stage1(c, feats, cfg, concepts=world.concept_phrases(), progress=False,
+                         captions=caps if extra else None)
+            samples[name].append((time.perf_counter() - t) / steps)
+    per_step = {name: statistics.median(v) for name, v in samples.items()}
+    base = per_step["image-only targets"]
+    return {"images": images, "captions": len(caps.texts), "caption_encode_seconds": encode_seconds,
+            "seconds_per_step": per_step, "ratio": {name: v / base for name, v in per_step.items()}}
+
+
 def main() -> None:
     """Train every variant, print the table, write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,7 +112,18 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", type=Path, default=Path(".bench/stage1.json"))
+    ap.add_argument("--caption-cost", action="store_true",
+                    help="only time train-stage1 steps with and without captions (10,000 image-caption pairs)")
     args = ap.parse_args()
+    if args.caption_cost:
+        clip_dir, _ = pretrained_tiny_clip(args.clip_preset)
+        cost = caption_step_cost(clip_dir, ShapesWorld(ShapesWorldConfig(seed=0)), images=args.images)
+        print(f"{cost['images']} images, {cost['captions']} captions (encoded once in "
+              f"{cost['caption_encode_seconds']:.1f}s)")
+        for name, sec in cost["seconds_per_step"].items():
+            print(f"{name:<40}{sec * 1e3:>9.1f} ms/step{cost['ratio'][name]:>8.2f}x")
+        atomic_write_json(args.out.with_name("stage1_caption_cost.json"), cost)
+        return
     clip_dir, clip_report = pretrained_tiny_clip(args.clip_preset)
     world = ShapesWorld(ShapesWorldConfig(seed=0))
     base = Composer.from_clip(str(clip_dir))

@@ -25,13 +25,12 @@ import torch.nn.functional as F
 from _timing import seconds_per_call
 from zscir.checkpoint import atomic_write_json
 from zscir.composer import Composer
-from zscir.demo import PRESETS, stage1_variants
+from zscir.demo import PRESETS, stage1_configs
 from zscir.eval.shapes_eval import ShapesBenchmark, composer_encoder, image_only, image_plus_text, text_only
 from zscir.shapes import ShapesWorld, ShapesWorldConfig
 from zscir.train.clip_pretrain import pretrained_tiny_clip
-from zscir.train.engine import TrainConfig
-from zscir.train.features import Corpus, TripletFeatures, shapes_features, shapes_triplet_features
-from zscir.train.stage1 import Stage1Config, train_stage1
+from zscir.train.features import Corpus, TripletFeatures, caption_features, shapes_features, shapes_triplet_features
+from zscir.train.stage1 import needs_captions, train_stage1
 from zscir.train.stage2 import Stage2Config, Stage2Task, prepare_stage2, train_stage2
 
 DEMO = PRESETS["default"]
@@ -98,15 +97,6 @@ ROWS: Dict[str, Row] = {
 }
 
 
-def with_overrides(cfg: Any, overrides: Dict[str, Any]) -> Any:
-    """A copy of a (nested) config dataclass with dotted-key overrides applied."""
-    for key, value in overrides.items():
-        head, _, rest = key.partition(".")
-        value = with_overrides(getattr(cfg, head), {rest: value}) if rest else value
-        cfg = dataclasses.replace(cfg, **{head: value})
-    return cfg
-
-
 def corrupt(edits: List[Any], fraction: float, seed: int = 0) -> List[Any]:
     """Replace a fraction of the training texts with other triplets' texts (wrong modifications)."""
     import random
@@ -125,13 +115,14 @@ def stage1_model(clip_dir: Path, world: ShapesWorld, folder: Path, tokens: int =
     """The demo's zscir Stage-I model for seed 0 with `tokens` global tokens (trained once, then reused from `folder`)."""
     if (folder / "config.json").is_file():
         return folder
-    phi, loss, concept_weight = stage1_variants(dataclasses.replace(DEMO, num_tokens=tokens))["zscir Stage I"]
+    cfg = stage1_configs(dataclasses.replace(DEMO, num_tokens=tokens))["zscir Stage I"]
     torch.manual_seed(DEMO.seed)
-    comp = Composer.from_clip(str(clip_dir), phi=phi)
-    feats = shapes_features(comp, world.scenes(DEMO.stage1_images, stream="stage1"), 64)
-    cfg = Stage1Config(phi=comp.phi.config, loss=loss, concept_weight=concept_weight,
-                       train=TrainConfig(steps=DEMO.stage1_steps, batch_size=128, lr=5e-4, warmup_steps=20, seed=DEMO.seed))
-    comp, _ = train_stage1(comp, feats, cfg, concepts=world.concept_phrases(), progress=False)
+    comp = Composer.from_clip(str(clip_dir), phi=cfg.phi)
+    scenes = world.scenes(DEMO.stage1_images, stream="stage1")
+    feats = shapes_features(comp, scenes, 64)
+    captions = caption_features(comp.backbone, world.captions_of(scenes, DEMO.stage1_captions)) \
+        if needs_captions(cfg) else None
+    comp, _ = train_stage1(comp, feats, cfg, concepts=world.concept_phrases(), progress=False, captions=captions)
     comp.save_pretrained(folder)
     return folder
 
@@ -216,7 +207,7 @@ def main() -> None:
         row_s1 = s1_dir if row.stage1_tokens == DEMO.num_tokens else stage1_model(
             clip_dir, world, args.out / f"stage1_{row.stage1_tokens}tok", row.stage1_tokens)
         comp = Composer.from_pretrained(row_s1)
-        cfg = with_overrides(Stage2Config(), row.overrides)
+        cfg = Stage2Config().with_overrides(row.overrides)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=DEMO.seed))
         trip = triplet_features(comp, world, row)
         if row.corpus and row.corpus not in corpora:

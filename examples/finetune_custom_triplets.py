@@ -24,6 +24,7 @@ file or a Hub id, see ``zscir.data.sources``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import random
 import sys
@@ -177,12 +178,15 @@ def run(args: argparse.Namespace, workdir: Optional[Path]) -> int:
 
     before = heldout_recall(composer, held)
     features = encode_triplets(composer, train_set, progress=progress)
-    cfg = Stage2Config(
+    defaults = Stage2Config()
+    cfg = dataclasses.replace(
+        defaults,
         # the library default has no hard negatives (chosen at 20k triplets); on a few hundred triplets the
         # query-side negative helps: --tiny held-out R@1 41.3 with it, 33.8 without (R@10 88.8 both)
         components=("query_negative", "text_augment"),
-        adapters=AdapterConfig(kind=args.adapter, num_layers=args.adapter_layers or 2, rank=args.adapter_rank,
-                               alpha=float(args.adapter_rank)),  # scale 1, as in Stage2Config's default
+        adapters=dataclasses.replace(  # the library's adapters, with this example's flags; alpha keeps its scale
+            defaults.adapters, kind=args.adapter, num_layers=args.adapter_layers or 2, rank=args.adapter_rank,
+            alpha=defaults.adapters.alpha / defaults.adapters.rank * args.adapter_rank),
         train=TrainConfig(steps=steps, batch_size=min(args.batch_size, len(train_set)), lr=args.lr or 1e-3,
                           warmup_steps=min(30, steps // 10), seed=args.seed),
     )

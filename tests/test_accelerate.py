@@ -1,7 +1,6 @@
 """Accelerate's own settings apply (launch / config file), a flag overrides them; --report-to writes tracker logs."""
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -90,3 +90,35 @@ def test_a_run_file_from_before_the_outputs_were_recorded_still_counts_as_the_sa
     (tmp_path / "model").mkdir()
     OutputFolder(tmp_path, settings, overwrite=False)  # same run: continues, nothing removed
     assert (tmp_path / "model").is_dir()
+
+
+def test_a_folder_trained_with_other_training_defaults_is_another_run(tmp_path, monkeypatch, capsys):
+    """The run file records every training config: new library defaults never reuse a model trained with old ones."""
+    import dataclasses
+
+    from zscir import demo
+    from zscir.runs import RunFolder
+
+    cfg = PRESETS["fast"]
+    settings = demo.demo_settings(cfg)
+    assert settings["stage2"]["train"]["steps"] == cfg.stage2_steps
+    assert set(settings["stage1"]) == set(demo.STAGE1_NAMES)
+    assert settings["stage1"]["zscir Stage I"]["phi"]["num_tokens"] == cfg.num_tokens
+    new_default = demo.stage2_config
+
+    def old_default(c):
+        s2 = new_default(c)
+        return dataclasses.replace(s2, adapters=dataclasses.replace(s2.adapters, rank=s2.adapters.rank // 2))
+
+    with monkeypatch.context() as m:  # the run as an older zscir, with another Stage-II default, recorded it
+        m.setattr(demo, "stage2_config", old_default)
+        recorded = demo.demo_settings(cfg)
+    assert recorded != settings
+    RunFolder(tmp_path / "run", "demo", recorded, demo.DEMO_OUTPUTS, run_file=demo.RUN_FILE).open(
+        resume=None, overwrite=False)
+    (tmp_path / "run" / "model").mkdir()  # a finished Stage II made with the older default
+    _stop_before_training(monkeypatch)
+    monkeypatch.setattr(demo, "PRESETS", {**demo.PRESETS, "fast": cfg})
+    assert cli.main(["demo", "--fast", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1

@@ -176,3 +176,11 @@ def test_override_files_may_stay_partial_but_are_type_checked(tmp_path):
         Stage2Config.from_json(tmp_path / "cfg.json")
     with pytest.raises(ConfigError, match=r"field 'prompts' of Stage1Config must be list of str, got str"):
         Stage1Config.from_dict({"prompts": "a photo of $"})
+
+
+def test_dotted_overrides_reach_nested_configs_and_name_unknown_fields():
+    cfg = Stage1Config().with_overrides({"phi.num_tokens": 1, "train.steps": 7, "targets": "both"})
+    assert (cfg.phi.num_tokens, cfg.train.steps, cfg.targets) == (1, 7, "both")
+    assert cfg.phi.use_vsi == Stage1Config().phi.use_vsi and Stage1Config().phi.num_tokens != 1  # a copy
+    with pytest.raises(ConfigError, match=r"PhiConfig has no field 'tokens' \(override 'phi.tokens'\)"):
+        Stage1Config().with_overrides({"phi.tokens": 1})

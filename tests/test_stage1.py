@@ -7,13 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from zscir.checkpoint import load_tensors
 from zscir.composer import Composer
 from zscir.models.phi import PhiConfig, PhiNetwork
-from zscir.train.engine import TrainConfig
-from zscir.train.stage1 import Stage1Config, train_stage1
 
 HERE = Path(__file__).parent
 

@@ -1,5 +1,4 @@
 """Stage II: adapters, hard negatives, learning to compose, robustness to noisy text, CLI on triplet files."""
-import json
 
 import numpy as np
 import pytest
@@ -47,7 +46,6 @@ def test_stage2_learns_to_compose_on_held_out_phrasing(stage1_model, world, smal
 
 
 def test_mined_negatives_component_runs_and_learns(stage1_model, world, small_bench):
-    from zscir.eval.shapes_eval import composer_encoder
 
     comp0 = Composer.from_pretrained(stage1_model[0])
     feats = shapes_features(comp0, world.scenes(1000, stream="corpus-test"), 64)

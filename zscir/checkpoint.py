@@ -64,6 +64,20 @@ def read_json(path: PathLike, error: Optional[Type[Exception]] = None, missing: 
         raise error(f"{path}: invalid JSON ({err})") from None
 
 
+def read_json_object(path: PathLike, error: Type[Exception], what: str = "", hint: str = "") -> Dict[str, Any]:
+    """The JSON object in `path`; an unreadable file or another JSON value raises `error` naming the file, what it
+    should be and `hint` (how to recover)."""
+    tail = f"; {hint}" if hint else ""
+    kind = f" {what}" if what else ""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise error(f"{path}: unreadable{kind} ({err}){tail}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object{f' ({what})' if what else ''}{tail}")
+    return data
+
+
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     """Write an object as pretty JSON to `path` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

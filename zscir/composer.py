@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import ContextManager, Dict, List, Optional, Sequence, Tuple, Union

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import typing
-from pathlib import Path
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar, Union, get_type_hints
 
 C = TypeVar("C", bound="Config")
@@ -108,6 +107,22 @@ class Config:
     def replace(self: C, **changes: Any) -> C:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def with_overrides(self: C, overrides: Dict[str, Any]) -> C:
+        """A copy with dotted-key overrides applied to nested configs ({"train.steps": 900, "phi.num_tokens": 1})."""
+        cfg = self
+        for key, value in overrides.items():
+            node, path = cfg, key.split(".")
+            chain = []
+            for name in path:
+                if not (dataclasses.is_dataclass(node) and any(f.name == name for f in dataclasses.fields(node))):
+                    raise ConfigError(f"{type(node).__name__} has no field {name!r} (override {key!r})")
+                chain.append(node)
+                node = getattr(node, name)
+            for node, name in reversed(list(zip(chain, path))):
+                value = dataclasses.replace(node, **{name: value})
+            cfg = value
+        return cfg
 
 
 class _WrongType(Exception):

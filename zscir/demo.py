@@ -21,7 +21,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -55,6 +54,7 @@ class DemoConfig(Config):
     stage2_steps: int = 600
     eval_queries: int = 1_000
     num_tokens: int = 4
+    stage1_captions: int = 0  # world captions per Stage-I image for zscir's Stage I (0: image-only soft targets)
 
 
 PRESETS = {
@@ -64,13 +64,56 @@ PRESETS = {
 }
 
 
-def stage1_variants(cfg: DemoConfig) -> Dict[str, Any]:
-    """The Stage-I rows of the table: name -> (phi config, loss, concept weight)."""
+STAGE1_NAMES = ("Pic2Word-style", "SEARLE-style", "zscir Stage I")
+
+
+def stage1_configs(cfg: DemoConfig) -> Dict[str, Any]:
+    """The Stage-I rows of the table: name -> Stage1Config (zscir's reads captions when `cfg.stage1_captions`)."""
+    from .train.stage1 import CAPTION_DEFAULTS, Stage1Config
+
+    train = TrainConfig(steps=cfg.stage1_steps, batch_size=128, lr=5e-4, warmup_steps=20, seed=cfg.seed,
+                        save_every=100, log_every=10)
+    with_captions = {k: v for k, v in CAPTION_DEFAULTS.items() if k != "concepts"} if cfg.stage1_captions else {}
     return {
-        "Pic2Word-style": (PhiConfig(num_tokens=1, use_vsi=False, dropout=0.1), "hard", 0.0),
-        "SEARLE-style": (PhiConfig(num_tokens=1, use_vsi=False, dropout=0.5), "hard", 0.0),
-        "zscir Stage I": (PhiConfig(num_tokens=cfg.num_tokens, use_vsi=True), "soft", 1.0),  # + 2 VSI tokens
+        "Pic2Word-style": Stage1Config(phi=PhiConfig(num_tokens=1, use_vsi=False, dropout=0.1), loss="hard",
+                                       concept_weight=0.0, train=train),
+        "SEARLE-style": Stage1Config(phi=PhiConfig(num_tokens=1, use_vsi=False, dropout=0.5), loss="hard",
+                                     concept_weight=0.0, train=train),
+        "zscir Stage I": Stage1Config(phi=PhiConfig(num_tokens=cfg.num_tokens, use_vsi=True), loss="soft",
+                                      concept_weight=1.0, train=train, **with_captions),  # + 2 VSI tokens
     }
+
+
+def stage2_config(cfg: DemoConfig) -> Any:
+    """The demo's Stage-II config: the library default with the demo's step budget and seed."""
+    from .train.stage2 import Stage2Config
+
+    s2 = Stage2Config()
+    return dataclasses.replace(s2, train=dataclasses.replace(s2.train, steps=cfg.stage2_steps, seed=cfg.seed,
+                                                             warmup_steps=max(1, cfg.stage2_steps // 10),
+                                                             save_every=100, log_every=10))
+
+
+def describe_stage1(cfg: DemoConfig) -> str:
+    """One line on what zscir's Stage I of this demo is (printed under the table)."""
+    s1 = stage1_configs(cfg)["zscir Stage I"]
+    phi = s1.phi
+    targets = {"image": "image-image similarity", "caption": "caption fit",
+               "both": "image similarity + caption fit"}[s1.targets]
+    words = (f"zscir Stage I: {phi.num_tokens} global + {phi.vsi_tokens if phi.use_vsi else 0} VSI tokens, soft "
+             f"targets from {targets}")
+    if cfg.stage1_captions:
+        words += f" ({cfg.stage1_captions} world captions per image)"
+    if s1.text_weight:
+        words += f", text term x{s1.text_weight:g}"
+    return words + " (chosen on validation, docs/results.md)"
+
+
+def demo_settings(cfg: DemoConfig) -> Dict[str, Any]:
+    """What makes two demo runs the same run: the sizes and every training config (so new defaults never reuse
+    a model trained with old ones)."""
+    return {"demo": cfg.to_dict(), "stage1": {n: c.to_dict() for n, c in stage1_configs(cfg).items()},
+            "stage2": stage2_config(cfg).to_dict()}
 
 
 def stage1_folder(name: str) -> str:
@@ -79,7 +122,7 @@ def stage1_folder(name: str) -> str:
 
 
 #: The entries a demo run writes in its folder: all that --overwrite may remove.
-DEMO_OUTPUTS: Tuple[str, ...] = (*(stage1_folder(n) for n in stage1_variants(DemoConfig())), "stage2", "model",
+DEMO_OUTPUTS: Tuple[str, ...] = (*(stage1_folder(n) for n in STAGE1_NAMES), "stage2", "model",
                                  "results.json", "examples.png", "training_curves.png")
 
 
@@ -132,13 +175,13 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
     from .eval.shapes_eval import (ShapesBenchmark, composer_encoder, image_only, image_plus_text,
                                    inversion_recall, text_only)
     from .train.clip_pretrain import pretrained_tiny_clip
-    from .train.features import shapes_features, shapes_triplet_features
-    from .train.stage1 import Stage1Config, train_stage1
-    from .train.stage2 import Stage2Config, train_stage2
+    from .train.features import caption_features, shapes_features, shapes_triplet_features
+    from .train.stage1 import needs_captions, train_stage1
+    from .train.stage2 import train_stage2
 
     start = time.time()
     torch.manual_seed(cfg.seed)
-    folder = OutputFolder(out, cfg.to_dict(), overwrite)
+    folder = OutputFolder(out, demo_settings(cfg), overwrite)
     timings: Dict[str, float] = {}
 
     _stage("tiny CLIP (shapes world)")
@@ -157,28 +200,28 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
 
     _stage("Stage I (mapping) on unlabeled images")
     t = time.time()
-    features = None  # encoded only if some variant still has to be trained
+    features = captions = None  # encoded only if some variant still has to be trained
     stage1: Dict[str, Composer] = {}
     curves: Dict[str, List[Dict[str, float]]] = {}
-    for name, (phi, loss, concept_weight) in stage1_variants(cfg).items():
-        slug = stage1_folder(name)[len("stage1_"):]
-        model_dir = folder / f"stage1_{slug}" / "model"
-        if (model_dir / "config.json").is_file():
-            stage1[name] = Composer.from_pretrained(model_dir)
-            curves[name] = _read_json(folder / f"stage1_{slug}" / "history.json") or []
-            print(f"  {name}: reusing {model_dir}")
+    scenes = world.scenes(cfg.stage1_images, stream="stage1")
+    for name, s1 in stage1_configs(cfg).items():
+        run = folder / stage1_folder(name)
+        if (run / "model" / "config.json").is_file():
+            stage1[name] = Composer.from_pretrained(run / "model")
+            curves[name] = _read_json(run / "history.json") or []
+            print(f"  {name}: reusing {run / 'model'}")
             continue
         if features is None:
-            features = shapes_features(base, world.scenes(cfg.stage1_images, stream="stage1"), 64, progress=progress)
+            features = shapes_features(base, scenes, 64, progress=progress)
+        if captions is None and needs_captions(s1):
+            captions = caption_features(bb, world.captions_of(scenes, cfg.stage1_captions), progress=progress)
         torch.manual_seed(cfg.seed)
-        comp = Composer.from_clip(str(clip_dir), phi=phi)
-        s1 = Stage1Config(phi=comp.phi.config, loss=loss, concept_weight=concept_weight,
-                          train=TrainConfig(steps=cfg.stage1_steps, batch_size=128, lr=5e-4, warmup_steps=20,
-                                            seed=cfg.seed, save_every=100, log_every=10))
-        comp, result = train_stage1(comp, features, s1, output_dir=folder / f"stage1_{slug}",
-                                    concepts=world.concept_phrases(), resume=_has_state(folder / f"stage1_{slug}"),
-                                    progress=progress)
-        atomic_write_json(folder / f"stage1_{slug}" / "history.json", result.history)
+        comp = Composer.from_clip(str(clip_dir), phi=s1.phi)
+        s1 = dataclasses.replace(s1, phi=comp.phi.config)
+        comp, result = train_stage1(comp, features, s1, output_dir=run, concepts=world.concept_phrases(),
+                                    resume=_has_state(run), progress=progress,
+                                    captions=captions if needs_captions(s1) else None)
+        atomic_write_json(run / "history.json", result.history)
         stage1[name] = comp
         curves[name] = result.history
     timings["stage1"] = time.time() - t
@@ -192,13 +235,9 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
         curves["zscir Stage II"] = _read_json(folder / "stage2" / "history.json") or []
         print(f"  reusing {final_dir}")
     else:
-        comp = Composer.from_pretrained(folder / "stage1_zscir_stage_i" / "model")
+        comp = Composer.from_pretrained(folder / stage1_folder("zscir Stage I") / "model")
         trip = shapes_triplet_features(comp, edits, 64)
-        s2 = Stage2Config()
-        s2 = dataclasses.replace(s2, train=dataclasses.replace(s2.train, steps=cfg.stage2_steps, seed=cfg.seed,
-                                                               warmup_steps=max(1, cfg.stage2_steps // 10),
-                                                               save_every=100, log_every=10))
-        stage2, result = train_stage2(comp, trip, s2, output_dir=folder / "stage2",
+        stage2, result = train_stage2(comp, trip, stage2_config(cfg), output_dir=folder / "stage2",
                                        resume=_has_state(folder / "stage2"), progress=progress)
         atomic_write_json(folder / "stage2" / "history.json", result.history)
         stage2.save_pretrained(final_dir)
@@ -224,10 +263,12 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
     timings["evaluation"] = time.time() - t
     table = format_table(rows)
     print(table)
+    print(describe_stage1(cfg))
 
     _write_figures(folder, bench, stage2, curves)
     results = {
         "config": cfg.to_dict(),
+        "stage1": describe_stage1(cfg),
         "tiny_clip": {"folder": str(clip_dir), "heldout_text_to_image": ev, "train_seconds": clip_report["train_seconds"]},
         "composed_retrieval": rows,
         "inversion_R@1": {k: v["R@1"] for k, v in inversion.items()},

@@ -17,6 +17,27 @@ soft_contrastive(q, t, scale, ref, tau_target)
     Near-duplicate images share probability mass, so their pseudo sentences are
     not pushed apart. tau_target -> 0 recovers the hard loss.
 
+soft_cross_entropy(logits, row_targets, col_targets)
+    The symmetric soft cross-entropy behind soft_contrastive, for any targets:
+    0.5 * (mean_i -sum_j P_ij log softmax_j(s_ij)
+           + mean_j -sum_i C_ji log softmax_i(s_ij)),
+    with P row-stochastic over images j and C row-stochastic over queries i.
+
+caption_targets(captions, images, tau, has_caption)
+    Soft text alignment with captions. With c_i a frozen CLIP text feature of
+    one of image i's captions and v_j the frozen image features,
+    A_ij = <c_i, v_j> / tau; the row target is P_ij = softmax_j(A_ij) (which
+    images image i's caption fits) and the column target
+    C_ji = softmax_i(A_ij) (which captions fit image j). An image whose caption
+    also fits image j is not pushed away from j. Rows without a caption are
+    left out of the column softmax and get no row target (callers fall back to
+    the image-image target there).
+
+text_alignment(q, captions, scale, tau, has_caption)
+    Pseudo sentences against the batch's captions in text space: row i scores
+    s_ij = scale * <q_i, c_j>, target softmax_j(<c_i, c_j> / tau) (identical or
+    near-identical captions share mass), averaged over rows with a caption.
+
 concept_alignment(q, img, concepts, tau)
     Soft text alignment, part 2. Given K concept-phrase text features c_k
     (frozen), the image's distribution over concepts is
@@ -64,8 +85,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "bank_info_nce", "clamped_scale", "clip_contrastive", "concept_alignment", "duplicate_mask", "info_nce_with_negatives",
-    "margin_loss", "masked_kl", "pairwise_logistic_loss", "soft_contrastive", "soft_targets", "target_to_query_info_nce",
+    "bank_info_nce", "caption_targets", "clamped_scale", "clip_contrastive", "concept_alignment", "duplicate_mask",
+    "info_nce_with_negatives", "margin_loss", "masked_kl", "pairwise_logistic_loss", "soft_contrastive",
+    "soft_cross_entropy", "soft_targets", "target_to_query_info_nce", "text_alignment",
 ]
 
 MAX_SCALE = 100.0  # CLIP's cap on the learnable logit scale
@@ -97,15 +119,47 @@ def soft_targets(ref: torch.Tensor, tau_target: float) -> torch.Tensor:
     return F.softmax(ref @ ref.T / tau_target, dim=-1)
 
 
+def soft_cross_entropy(logits: torch.Tensor, row_targets: torch.Tensor, col_targets: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy of logits [B, B] against row targets [B, B] and column targets (as rows) [B, B]."""
+    row = -(row_targets.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    col = -(col_targets.to(logits.dtype) * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return 0.5 * (row + col)
+
+
 def soft_contrastive(
     q: torch.Tensor, t: torch.Tensor, scale: torch.Tensor | float, ref: torch.Tensor, tau_target: float
 ) -> torch.Tensor:
     """Symmetric contrastive loss whose targets are softened by frozen image-image similarity."""
-    logits = scale * q @ t.T
-    p = soft_targets(ref, tau_target).to(logits.dtype)
-    row = -(p * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    col = -(p.T * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
-    return 0.5 * (row + col)
+    p = soft_targets(ref, tau_target)
+    return soft_cross_entropy(scale * q @ t.T, p, p.T)
+
+
+def caption_targets(captions: torch.Tensor, images: torch.Tensor, tau: float,
+                    has_caption: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row targets softmax_j(<c_i, v_j>/tau) and column targets softmax_i(<c_i, v_j>/tau) over captioned rows i.
+
+    Rows of captionless images are all zero in the row targets and excluded from the column targets; a column
+    targets row is all zero when no image of the batch has a caption.
+    """
+    a = F.normalize(captions.float(), dim=-1) @ F.normalize(images.float(), dim=-1).T / tau
+    has = has_caption.to(a.device)
+    rows = torch.where(has[:, None], F.softmax(a, dim=1), torch.zeros_like(a))
+    if not bool(has.any()):
+        return rows, torch.zeros_like(a)
+    cols = F.softmax(a.masked_fill(~has[:, None], float("-inf")), dim=0).T
+    return rows, cols
+
+
+def text_alignment(q: torch.Tensor, captions: torch.Tensor, scale: torch.Tensor | float, tau: float,
+                   has_caption: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy of pseudo sentences against the batch's captions (targets: caption-caption similarity)."""
+    has = has_caption.to(q.device)
+    if not bool(has.any()):
+        return q.sum() * 0.0
+    c = F.normalize(captions.float(), dim=-1)[has]
+    logits = scale * q[has] @ c.T.to(q.dtype)
+    p = F.softmax(c @ c.T / tau, dim=1).to(logits.dtype)
+    return -(p * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 def concept_alignment(q: torch.Tensor, img: torch.Tensor, concepts: torch.Tensor, tau: float) -> torch.Tensor:

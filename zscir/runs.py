@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .checkpoint import atomic_write_json, file_sha256
+from .checkpoint import atomic_write_json, file_sha256, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +105,7 @@ class RunFolder:
         path = self.path / self.run_file
         if not path.is_file():
             return None
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise RunFolderError(f"{path}: unreadable run file ({err}); remove it or choose another --out") from None
-        if not isinstance(data, dict):
-            raise RunFolderError(f"{path}: not a run file (expected a JSON object); choose another --out")
+        data = read_json_object(path, RunFolderError, "run file", "remove it or choose another --out")
         if "settings" not in data:  # a demo run file written before run files had this form: the settings alone
             data = {"command": self.command, "settings": data}
         return data

@@ -17,7 +17,7 @@ from ..data.triplets import ALLOWED_FIELDS as TRIPLET_FIELDS
 from ..runs import RunFolder, data_fingerprint, folder_fingerprint
 from ..train.bank import BankStageConfig
 from ..train.clip_pretrain import PRESETS
-from ..train.stage1 import STAGE1_LOSSES, Stage1Config
+from ..train.stage1 import CAPTION_DEFAULTS, MINED_CONCEPTS, STAGE1_LOSSES, STAGE1_TARGETS, Stage1Config
 from ..train.stage2 import Stage2Config
 from .common import (RESUME_FREE, SOURCE_HELP, add_again_arguments, add_cache_argument, add_data_arguments, add_device_argument,
                      add_model_argument, add_out_argument, add_report_argument, add_train_arguments,
@@ -41,6 +41,8 @@ STAGE1_MODEL_CHOICES = (
     "shapes world's trained tiny CLIP (the cached `zscir pretrain-clip --preset PRESET` model, PRESET default "
     "unless given; trained on first use)"
 )
+#: Fields train-stage1 reads from a data set (or a caption file's columns).
+CAPTION_COLUMNS = ("image", "id", "caption")
 #: Outputs of `pretrain-clip --out DIR` (a run folder like the other training commands').
 PRETRAIN_OUTPUTS = ("training", "backbone", "report.json", "logs")
 
@@ -120,16 +122,24 @@ def pretrain_clip_run(args: argparse.Namespace) -> int:
 
 def stage1_add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI arguments of ``zscir train-stage1``."""
-    src = parser.add_mutually_exclusive_group(required=True)
+    src = parser.add_mutually_exclusive_group()
     src.add_argument("--images", metavar="SOURCE",
-                     help=f"unlabeled images: an image folder (searched recursively), a text file with one image "
-                          f"path per line, or a data set with an image column: {SOURCE_HELP}")
+                     help=f"the images: an image folder (searched recursively), a text file with one image "
+                          f"path per line, or a data set with an image column (and optionally a caption column, "
+                          f"a string or a list of strings per row): {SOURCE_HELP}")
     src.add_argument("--shapes", type=int, metavar="N", help="N unlabeled images of the built-in shapes world")
     add_old_spelling(src, "--file-list", "--images", parser=parser)
     add_old_spelling(src, "--hf-dataset", "--images", parser=parser)
-    add_data_arguments(parser, ("image", "id"), "--images",
-                       image_root_help="folder that relative paths in a file list or a data set's image column "
-                                       "start from (default: the list's folder)")
+    parser.add_argument("--captions", metavar="FILE", default=None,
+                        help="captions of the images: a .jsonl ({\"image\": ID, \"caption\": TEXT or \"captions\": "
+                             "[...]}) or .csv (image,caption) file, several rows per image allowed; ID is the path "
+                             "relative to the --images folder (or to --image-root / the file's folder). Without "
+                             "--images, the images are the ones it names")
+    parser.add_argument("--shapes-captions", type=int, default=0, metavar="K",
+                        help="with --shapes: up to K captions per image from the world (0: unlabeled)")
+    add_data_arguments(parser, CAPTION_COLUMNS, "--images",
+                       image_root_help="folder that relative paths in a file list, a caption file or a data set's "
+                                       "image column start from (default: the list's folder)")
     parser.add_argument("--image-column", default=None, help=argparse.SUPPRESS)  # old spelling of --columns image=
     add_device_argument(parser, "feature caching")
     parser.add_argument("--backbone", default=None, help=f"the CLIP to train phi on (required): {STAGE1_MODEL_CHOICES}")
@@ -145,15 +155,35 @@ def stage1_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-tokens", type=int, default=None)
     parser.add_argument("--loss", choices=STAGE1_LOSSES.names(), default=None)
     parser.add_argument("--no-vsi", action="store_true", help="disable visual semantic injection")
+    parser.add_argument("--targets", choices=STAGE1_TARGETS.names(), default=None,
+                        help=f"soft targets of the alignment: image similarity, caption fit, or both (default: "
+                             f"{Stage1Config().targets} without captions, {CAPTION_DEFAULTS['targets']} with them)")
+    parser.add_argument("--text-weight", type=float, default=None,
+                        help="weight of the text-space term against the batch's captions (default: "
+                             f"{CAPTION_DEFAULTS.get('text_weight', Stage1Config().text_weight)} with captions)")
+    parser.add_argument("--caption-pooling", choices=("sample", "mean"), default=None,
+                        help="caption feature of an image: one of its captions drawn per step, or their mean "
+                             f"(default: {Stage1Config().caption_pooling})")
+    parser.add_argument("--caption-tau", type=float, default=None,
+                        help=f"temperature of the caption targets (default {Stage1Config().caption_tau})")
     parser.add_argument("--concept-weight", type=float, default=None)
-    parser.add_argument("--concepts", type=Path, default=None, help="concept phrases, one per line")
+    parser.add_argument("--concepts", default=None, metavar="FILE|mined|shipped",
+                        help="concept phrases of the concept term: a file with one per line, 'mined' (the "
+                             f"{MINED_CONCEPTS} most frequent phrases of the captions), or 'shipped' (zscir's "
+                             "list of common objects); default: the world's own list with --shapes, "
+                             f"{CAPTION_DEFAULTS['concepts']} with captions, else shipped")
     parser.add_argument("--patch-grid", type=int, default=None,
                         help="phi reads patch tokens pooled to GxG (0: full grid; default: phi.patch_grid, 4)")
 
 
-def stage1_config_from_args(args: argparse.Namespace) -> Stage1Config:
-    """Stage1Config from a JSON file and command-line overrides."""
+def stage1_config_from_args(args: argparse.Namespace, with_captions: bool = False) -> Stage1Config:
+    """Stage1Config from a JSON file and command-line overrides (the caption defaults when there are captions)."""
     cfg = Stage1Config.from_json(args.config) if args.config else Stage1Config()
+    if with_captions and not args.config:
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in CAPTION_DEFAULTS.items() if k != "concepts"})
+    for field in ("targets", "text_weight", "caption_tau", "caption_pooling"):
+        if getattr(args, field, None) is not None:
+            cfg = dataclasses.replace(cfg, **{field: getattr(args, field)})
     train = train_config_from_args(cfg.train, args)
     phi = cfg.phi
     if args.num_tokens is not None:
@@ -244,19 +274,75 @@ def stage1_backbone(model: Optional[str], pretrained: Optional[str], random_init
     return Stage1Backbone(model, pretrained, settings={"name": model, "weights": weights})
 
 
-def _stage1_images(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
-    """The unlabeled images of --images (folder, file list or data set), and their "data" settings entry."""
+def _stage1_images(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any], Any]:
+    """The images of --images / --captions (folder, file list, caption file or data set), their "data" settings
+    entry, and their captions (:class:`zscir.data.captions.ImageCaptions`, None without any)."""
+    from ..data.captions import captions_from_column, images_of_caption_file, read_caption_file
     from ..data.images import PathSource
-    from ..data.sources import open_images
+    from ..data.sources import DataSourceError, open_images
 
-    columns = columns_of(args, ("image", "id"))
+    columns = columns_of(args, CAPTION_COLUMNS)
     if args.image_column:
         columns.setdefault("image", args.image_column)
-    data = open_images(args.images, split=args.split, columns=columns, image_root=args.image_root)
-    if isinstance(data.source, PathSource):  # the fingerprint runs recorded before data sets were sources
-        paths = data.source.paths
-        return paths, {"images": len(paths), "sha256": data_fingerprint([os.path.abspath(p) for p in paths])}
-    return data.source, {"images": len(data.source), "hf_fingerprint": data.source.fingerprint()}
+    captions = None
+    if args.images is None:  # the caption file names the images
+        ids, paths = images_of_caption_file(args.captions, args.image_root, columns)
+        captions = read_caption_file(args.captions, ids, columns=columns)
+        source: Any = paths
+        data = {"images": len(paths), "sha256": data_fingerprint([os.path.abspath(p) for p in paths])}
+    else:
+        # --columns names the data set's columns when --images is one, else the caption file's
+        dataset = is_dataset_source(args.images)
+        if dataset and args.captions and "caption" in columns:
+            raise DataSourceError("captions come from a data set column (--columns caption=...) or from "
+                                  "--captions FILE, not both")
+        if not dataset and "caption" in columns and not args.captions:
+            raise DataSourceError(f"--columns caption={columns['caption']}: {args.images} is not a data set; give "
+                                  "the captions of an image folder or file list with --captions FILE")
+        images = open_images(args.images, split=args.split, columns=columns if dataset else
+                             ({} if args.captions else columns), image_root=args.image_root,
+                             extra_fields=() if args.captions else ("caption",))
+        if isinstance(images.source, PathSource):  # the fingerprint runs recorded before data sets were sources
+            source = images.source.paths
+            data = {"images": len(source), "sha256": data_fingerprint([os.path.abspath(p) for p in source])}
+        else:
+            source = images.source
+            data = {"images": len(source), "hf_fingerprint": images.source.fingerprint()}
+        if args.captions:
+            captions = read_caption_file(args.captions, images.ids, base=images.base, image_root=args.image_root,
+                                         columns={} if dataset else {k: v for k, v in columns.items() if k != "id"})
+        elif "caption" in images.extra:
+            captions = captions_from_column(images.extra["caption"], images.label, images.ids)
+    if captions is not None:
+        data["captions"] = {"count": captions.report.captions,
+                            "sha256": data_fingerprint([json.dumps(c) for c in captions.captions])}
+    return source, data, captions
+
+
+def _stage1_concepts(args: argparse.Namespace, captions: Any, world: Any) -> Tuple[Optional[List[str]], str]:
+    """The concept phrases --concepts names (or the default for this data) and how they were chosen."""
+    from ..data.captions import mine_concepts
+
+    choice = args.concepts or ("world" if world is not None and captions is None else
+                               CAPTION_DEFAULTS["concepts"] if captions is not None else "shipped")
+    if choice == "mined":
+        if captions is None:
+            raise ValueError("--concepts mined needs captions (--captions, a caption column or --shapes-captions)")
+        concepts = mine_concepts(captions.texts(), top_k=MINED_CONCEPTS)
+        if not concepts:
+            raise ValueError("--concepts mined: the captions hold no phrase seen 3 times or more; give a file")
+        return concepts, f"mined ({len(concepts)} phrases)"
+    if choice == "world":
+        return world.concept_phrases(), "the shapes world's list"
+    if choice == "shipped":
+        return None, "zscir's shipped list"
+    path = Path(choice)
+    if not path.is_file():
+        raise FileNotFoundError(f"--concepts {choice}: no such file (or give 'mined' or 'shipped')")
+    concepts = [w.strip() for w in path.read_text().splitlines() if w.strip() and not w.startswith("#")]
+    if not concepts:
+        raise ValueError(f"--concepts {choice}: the file lists no phrase")
+    return concepts, str(path)
 
 
 def stage1_run(args: argparse.Namespace) -> int:
@@ -265,38 +351,72 @@ def stage1_run(args: argparse.Namespace) -> int:
     from ..train.features import FeatureSource, shapes_features
     from ..train.stage1 import train_stage1
 
-    cfg = stage1_config_from_args(args)
+    from ..train.features import caption_features
+    from ..train.stage1 import needs_captions
+
+    if args.images is None and args.shapes is None and args.captions is None:
+        raise ValueError("train-stage1 needs images: --images SOURCE, --captions FILE (the images it names) "
+                         "or --shapes N")
+    if args.shapes is not None and args.captions:
+        raise ValueError("--captions applies to --images; with --shapes, --shapes-captions K draws the world's own")
+    if args.shapes_captions and args.shapes is None:
+        raise ValueError("--shapes-captions applies to --shapes")
     check_report_to(args)
-    backbone = stage1_backbone(args.backbone, args.pretrained, args.random_init, cfg.train.mixed_precision)
-    source, data = (None, {"shapes": args.shapes}) if args.shapes else _stage1_images(args)
-    concepts = None
-    if args.concepts:
-        concepts = [w.strip() for w in args.concepts.read_text().splitlines() if w.strip()]
+    backbone = stage1_backbone(args.backbone, args.pretrained, args.random_init,  # before any data is read
+                               stage1_config_from_args(args).train.mixed_precision)
+    world = captions = None
+    if args.shapes is not None:
+        from ..data.captions import captions_from_column
+        from ..shapes import ShapesWorld, ShapesWorldConfig
+
+        cfg = stage1_config_from_args(args, with_captions=args.shapes_captions > 0)
+        world = ShapesWorld(ShapesWorldConfig(seed=cfg.train.seed))
+        scenes = world.scenes(args.shapes, stream="stage1")
+        source, data = None, {"shapes": args.shapes, "shapes_captions": args.shapes_captions}
+        if args.shapes_captions:
+            captions = captions_from_column(world.captions_of(scenes, args.shapes_captions), "shapes world")
+    else:
+        source, data, captions = _stage1_images(args)
+        cfg = stage1_config_from_args(args, with_captions=captions is not None)
+    if needs_captions(cfg) and captions is None:
+        raise ValueError(f"--targets {cfg.targets} / --text-weight {cfg.text_weight} read captions, but these "
+                         "images have none (--captions FILE, a caption column, or --shapes-captions K)")
+    concepts, concept_source = _stage1_concepts(args, captions, world)
     settings = {"config": cfg.to_dict(), "model": backbone.settings, "data": data,
                 "concepts": data_fingerprint(concepts) if concepts else None}
     run, resume = open_training_run(args, "train-stage1", settings,
-                                    info={"backbone": args.backbone, "data": args.images})
+                                    info={"backbone": args.backbone, "data": args.images or args.captions})
+    if captions is not None:
+        logger.info("captions: %s", captions.report.summary())
+        for line in captions.report.problems():
+            logger.warning("captions: %s", line)
+    logger.info("concepts: %s", concept_source)
     composer = backbone.load(cfg.phi, resolve_device(args), cfg.train.mixed_precision, not args.no_progress,
                              cfg.train.seed)
     cfg = dataclasses.replace(cfg, phi=composer.phi.config)
-    if args.shapes:
-        from ..shapes import ShapesWorld, ShapesWorldConfig
-
-        world = ShapesWorld(ShapesWorldConfig(seed=cfg.train.seed, image_size=composer.backbone.image_size))
-        features = shapes_features(composer, world.scenes(args.shapes, stream="stage1"), world.config.image_size,
-                                   progress=not args.no_progress, precision=cfg.train.mixed_precision)
-        concepts = concepts or world.concept_phrases()
+    if world is not None:
+        features = shapes_features(composer, scenes, composer.backbone.image_size, progress=not args.no_progress,
+                                   precision=cfg.train.mixed_precision)
     else:
         cache_dir = args.feature_cache or args.out / "features"
         cache = FeatureCache.build(composer.backbone, source, cache_dir, patch_grid=composer.phi.config.patch_grid,
                                    progress=not args.no_progress, precision=cfg.train.mixed_precision)
         features = FeatureSource.from_cache(cache)
+    text = None
+    if captions is not None and needs_captions(cfg):
+        text = caption_features(composer.backbone, captions.captions, progress=not args.no_progress,
+                                report=captions.report)
+        if captions.report.truncated:
+            logger.warning("captions: %d caption(s) fill the text encoder's context (%d tokens) and were "
+                           "truncated", captions.report.truncated, composer.backbone.context_length)
     with tracking(args, settings):
         train_stage1(composer, features, cfg, output_dir=args.out, concepts=concepts, resume=resume,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, captions=text)
     if run is not None:
-        summary = (f"{args.shapes} shapes-world images" if args.shapes else
-                   f"{data['images']} unlabeled images from {_label(args.images, args.split)}")
+        what = "captioned" if captions is not None else "unlabeled"
+        summary = (f"{args.shapes} shapes-world images" + (" with captions" if captions is not None else "")
+                   if args.shapes else f"{data['images']} {what} images from "
+                   f"{_label(args.images, args.split) if args.images else args.captions}")
         _record_card(args.out / "model", "stage1", summary, _hub_datasets(args.images))
         run.finish()
     print(f"stage I model: {args.out / 'model'}")

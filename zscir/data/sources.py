@@ -229,6 +229,7 @@ class ImageData:
     ids: List[str]
     base: Optional[Path]
     label: str
+    extra: Dict[str, List[Any]] = dataclasses.field(default_factory=dict)  # other fields read from a data set
 
     def settings(self) -> Dict[str, Any]:
         """What identifies these images in a run's settings: their number and a fingerprint."""
@@ -239,12 +240,13 @@ IMAGE_FIELDS = ("image", "id")
 
 
 def open_images(source: Any, split: Optional[str] = None, columns: Optional[Mapping[str, str]] = None,
-                image_root: Optional[PathLike] = None) -> ImageData:
+                image_root: Optional[PathLike] = None, extra_fields: Sequence[str] = ()) -> ImageData:
     """The images of a folder, a file list or a data set's image column (`columns`: image=COLUMN, id=COLUMN).
 
     Ids are paths relative to the folder (file lists: to `image_root`, default the list's folder); for data sets,
     the `id` column when there is one, else the stored file name or ``image[i]``. Relative paths stored in a data
-    set are read from `image_root`.
+    set are read from `image_root`. The values of `extra_fields` a data set has (e.g. ``caption``) are returned
+    in ``ImageData.extra``.
     """
     columns = dict(columns or {})
     if isinstance(source, (str, os.PathLike)) and not is_dataset_source(source):
@@ -269,7 +271,8 @@ def open_images(source: Any, split: Optional[str] = None, columns: Optional[Mapp
                 ids.append(p.as_posix())
         return ImageData(PathSource(paths), ids, base, os.fspath(source))
     ds, label = load_dataset_source(source, split)
-    ds = map_columns(ds, columns, label, IMAGE_FIELDS, required=("image",))
+    ds = map_columns(ds, columns, label, IMAGE_FIELDS + tuple(extra_fields), required=("image",))
+    extra = {f: list(ds[f]) for f in extra_fields if f in ds.column_names}
     images = HFImageSource(ds, "image", root=image_root)
     if "id" in ds.column_names:
         ids = [str(i) for i in ds["id"]]
@@ -278,4 +281,4 @@ def open_images(source: Any, split: Optional[str] = None, columns: Optional[Mapp
                                   f"{COLUMNS_FLAG} id=COLUMN")
     else:
         ids = images.names()
-    return ImageData(images, ids, None, label)
+    return ImageData(images, ids, None, label, extra)

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
-from ..checkpoint import atomic_write_json
+from ..checkpoint import atomic_write_json, read_json_object
 from .store import EmbeddingStore, Id, StoreError
 
 logger = logging.getLogger(__name__)
@@ -138,13 +138,7 @@ def items_digest(items: Sequence[Id]) -> str:
 
 
 def _read_json(path: Path, error: Type[Exception]) -> Dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise error(f"{path}: unreadable ({err}); remove it to start its part again") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, error, hint="remove it to start its part again")
 
 
 class ShardedRun:

@@ -163,6 +163,19 @@ class ShapesWorld:
             out.append((scene, caption(scene, rng)))
         return out
 
+    def captions_of(self, scenes: Sequence[Scene], per_image: int, stream: str = "stage1-captions") -> List[List[str]]:
+        """Up to `per_image` distinct captions of each scene, drawn like CLIP's training captions (a caption corpus)."""
+        rng = self.rng(stream)
+        out = []
+        for scene in scenes:
+            caps: List[str] = []
+            for _ in range(per_image):
+                text = caption(scene, rng)
+                if text not in caps:
+                    caps.append(text)
+            out.append(caps)
+        return out
+
     def _edit_of_kind(self, kind: str, rng: random.Random, scene: Optional[Scene] = None) -> Edit:
         """An edit of `kind`, redrawing the source scene until the kind applies."""
         fn = EDIT_KINDS.get(kind)

@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 

@@ -29,8 +29,8 @@ NEGATIVE_DUP_THRESHOLD = 0.995
 FAILED_NEGATIVES_LOGGED = 5
 
 __all__ = [
-    "Corpus", "FeatureSource", "TripletFeatures", "check_patch_tokens", "corpus_features", "encode_triplets", "mask_false_negatives",
-    "shapes_features",
+    "CaptionFeatures", "Corpus", "FeatureSource", "TripletFeatures", "caption_features", "check_patch_tokens",
+    "corpus_features", "encode_triplets", "mask_false_negatives", "shapes_features",
     "shapes_triplet_features", "text_features",
 ]
 
@@ -61,6 +61,79 @@ class FeatureSource:
         if self.patches is not None:
             patches = torch.as_tensor(np.asarray(self.patches[rows]), dtype=torch.float32)[order]
         return pooled, patches
+
+
+@dataclasses.dataclass
+class CaptionFeatures:
+    """Frozen, normalised text features of each image's captions: image row r owns ``features[offsets[r]:offsets[r+1]]``.
+
+    Rows are the image rows of the :class:`FeatureSource` they go with (its cache rows, before skipping failed
+    images); an image without a caption owns an empty range.
+    """
+
+    features: torch.Tensor  # [M, D] float32, unit norm
+    offsets: torch.Tensor  # [N + 1] long
+    texts: List[str]  # the M captions, image by image
+
+    def __post_init__(self) -> None:
+        if len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.features) or len(self.texts) != len(self.features):
+            raise ValueError(f"caption features: offsets end at {int(self.offsets[-1]) if len(self.offsets) else None}, "
+                             f"but there are {len(self.features)} features and {len(self.texts)} texts")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def counts(self) -> torch.Tensor:
+        """Captions per image row [N]."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def means(self) -> torch.Tensor:
+        """Each image's normalised mean caption feature [N, D] (zeros for images without captions)."""
+        counts = self.counts()
+        owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        sums = torch.zeros(len(counts), self.features.shape[1]).index_add_(0, owner, self.features.float())
+        return F.normalize(sums, dim=-1)
+
+    def sample(self, rows: Sequence[int], generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One caption feature per image row, drawn uniformly among its captions [B, D], and which rows have one [B]."""
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        start, count = self.offsets[rows], self.counts()[rows]
+        has = count > 0
+        draw = (torch.rand(len(rows), generator=generator) * count).long()
+        pick = start + torch.minimum(draw, (count - 1).clamp(min=0))
+        feats = torch.zeros(len(rows), self.features.shape[1])
+        feats[has] = self.features[pick[has]]
+        return feats, has
+
+
+@torch.no_grad()
+def caption_features(backbone: Any, captions: Sequence[Sequence[str]], batch_size: int = 512, progress: bool = False,
+                     report: Any = None) -> CaptionFeatures:
+    """Frozen text features of each image's captions (each distinct text encoded once).
+
+    Captions that fill the whole context (the tokenizer truncated them) are counted in `report.truncated`
+    (a :class:`zscir.data.captions.CaptionReport`) when one is given.
+    """
+    from tqdm.auto import tqdm
+
+    texts = [t for caps in captions for t in caps]
+    unique = list(dict.fromkeys(texts))
+    where = {t: i for i, t in enumerate(unique)}
+    was = backbone.training
+    backbone.eval()
+    parts = []
+    for s in tqdm(range(0, len(unique), batch_size), desc="encode captions", disable=not progress):
+        ids = backbone.tokenize(unique[s: s + batch_size])
+        if report is not None:
+            for j in torch.nonzero(ids[:, -1] != 0).flatten().tolist():
+                report.note("truncated", repr(unique[s + j][:40] + "..."))
+        parts.append(F.normalize(backbone.encode_text(ids).float(), dim=-1).cpu())
+    backbone.train(was)
+    table = torch.cat(parts) if parts else torch.empty(0, backbone.embed_dim)
+    index = torch.tensor([where[t] for t in texts], dtype=torch.long)
+    offsets = torch.zeros(len(captions) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.tensor([len(c) for c in captions], dtype=torch.long), 0)
+    return CaptionFeatures(table[index] if len(texts) else table, offsets, texts)
 
 
 @dataclasses.dataclass
