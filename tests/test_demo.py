@@ -29,6 +29,9 @@ def test_demo_writes_everything(demo_run):
     assert json.loads((out / "results.json").read_text())["composed_retrieval"] == rows
     model = Composer.from_pretrained(out / "model")
     assert model.config.stage == "stage2"
+    assert results["stage1"].startswith("zscir Stage I: 2 global + 2 VSI tokens, soft targets from caption fit")
+    stage1_run = json.loads((out / "stage1_zscir_stage_i" / "history.json").read_text())
+    assert stage1_run and "contrastive" in stage1_run[-1]
 
 
 def test_demo_is_deterministic_and_reuses_finished_parts(demo_run, tmp_path):

@@ -54,7 +54,7 @@ class DemoConfig(Config):
     stage2_steps: int = 600
     eval_queries: int = 1_000
     num_tokens: int = 4
-    stage1_captions: int = 0  # world captions per Stage-I image for zscir's Stage I (0: image-only soft targets)
+    stage1_captions: int = 3  # world captions per Stage-I image for zscir's Stage I (0: image-only soft targets)
 
 
 PRESETS = {
@@ -102,8 +102,9 @@ def describe_stage1(cfg: DemoConfig) -> str:
                "both": "image similarity + caption fit"}[s1.targets]
     words = (f"zscir Stage I: {phi.num_tokens} global + {phi.vsi_tokens if phi.use_vsi else 0} VSI tokens, soft "
              f"targets from {targets}")
-    if cfg.stage1_captions:
-        words += f" ({cfg.stage1_captions} world captions per image)"
+    if cfg.stage1_captions and s1.targets != "image":
+        pooled = "the mean of" if s1.caption_pooling == "mean" else "one of"
+        words += f" ({pooled} {cfg.stage1_captions} world captions per image)"
     if s1.text_weight:
         words += f", text term x{s1.text_weight:g}"
     return words + " (chosen on validation, docs/results.md)"
