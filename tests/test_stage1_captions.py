@@ -16,7 +16,7 @@ from zscir.data.captions import (CaptionReport, captions_from_column, images_of_
 from zscir.data.sources import DataSourceError, open_images
 from zscir.losses import caption_targets, soft_cross_entropy, text_alignment
 from zscir.train.features import CaptionFeatures, caption_features
-from zscir.train.stage1 import STAGE1_LOSSES, STAGE1_TARGETS, Stage1Config
+from zscir.train.stage1 import CAPTION_DEFAULTS, STAGE1_LOSSES, STAGE1_TARGETS, Stage1Config
 
 COLORS = [(220, 30, 30), (30, 200, 60), (40, 80, 240), (240, 220, 40)]
 NAMES = ["red", "green", "blue", "yellow"]
@@ -236,7 +236,9 @@ def test_cli_trains_on_a_folder_with_a_caption_file_and_reports_bad_rows(folder,
     assert "2 empty caption(s) dropped" in caplog.text and "1 caption(s) of images not in the corpus" in caplog.text
     assert "concepts: mined" in caplog.text
     run = json.loads((out / "run.json").read_text())["settings"]
-    assert run["data"]["captions"]["count"] == 11 and run["config"]["targets"] == "both"
+    assert run["data"]["captions"]["count"] == 11
+    assert {k: run["config"][k] for k in ("targets", "caption_pooling", "text_weight")} == {
+        k: CAPTION_DEFAULTS[k] for k in ("targets", "caption_pooling", "text_weight")}
     assert "12 captioned images" in (out / "model" / "README.md").read_text()
 
 
@@ -292,7 +294,7 @@ def test_cli_shapes_captions(tmp_path):
     out = tmp_path / "s"
     assert main(_train("--shapes", "16", "--shapes-captions", "2", "--out", str(out))) == 0
     run = json.loads((out / "run.json").read_text())["settings"]
-    assert run["data"]["shapes_captions"] == 2 and run["config"]["targets"] == "both"
+    assert run["data"]["shapes_captions"] == 2 and run["config"]["targets"] == CAPTION_DEFAULTS["targets"]
 
 
 # --------------------------------------------------------------------------------------------- learning
