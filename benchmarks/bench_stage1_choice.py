@@ -12,7 +12,7 @@ trainings; the tiny CLIP and the queries stay fixed); the table gives mean ±
 std. Finished (row, seed) pairs are kept in ``rows_<split>.jsonl``, so the
 script resumes and rows can be added later.
 
-    python benchmarks/bench_stage1_choice.py [--rows all] [--seeds 0,1] [--split val] [--out .bench/stage1_choice]
+    python benchmarks/bench_stage1_choice.py [--rows all] [--seeds 0,1,2] [--split val] [--out .bench/stage1_choice]
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def main() -> None:
     """Run the missing (row, seed) pairs, print the mean ± std table and write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="all", help=f"semicolon-separated rows out of: {'; '.join(ROWS)}; or 'all'")
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=Path(".bench/stage1_choice"))

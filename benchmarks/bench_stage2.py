@@ -171,7 +171,7 @@ def summary(result: Dict[str, Any]) -> Dict[str, float]:
 def main() -> None:
     """Run the missing rows, print the validation table and write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default=next(iter(ROWS)), help=f"semicolon-separated rows out of: {'; '.join(ROWS)}; or 'all', or 'none'")
+    ap.add_argument("--rows", default=next(iter(ROWS)), help=f"semicolon-separated rows out of: {'; '.join(ROWS)}; or 'all', or 'none'".replace("%", "%%"))
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--step-cost", action="store_true", help="also time a default Stage-II step")
