@@ -11,8 +11,8 @@ from PIL import Image
 
 from zscir.checkpoint import load_tensors
 from zscir.cli import main
-from zscir.data.captions import (CaptionReport, captions_from_column, images_of_caption_file, mine_concepts,
-                                 read_caption_file)
+from zscir.data.captions import (CaptionReport, captions_from_column, mine_concepts, read_caption_file,
+                                 read_caption_file_images)
 from zscir.data.sources import DataSourceError, open_images
 from zscir.losses import caption_targets, soft_cross_entropy, text_alignment
 from zscir.train.features import CaptionFeatures, caption_features
@@ -84,9 +84,11 @@ def test_a_csv_with_mapped_columns_and_a_missing_column_error(folder):
 
 
 def test_a_caption_file_alone_names_its_images(folder):
-    ids, paths = images_of_caption_file(folder / "captions.jsonl", image_root=folder / "images")
+    ids, paths, caps = read_caption_file_images(folder / "captions.jsonl", image_root=folder / "images")
     assert ids[:2] == ["sub/0.png", "sub/1.png"] and "sub/missing.png" in ids
     assert paths[0] == folder / "images" / "sub" / "0.png"
+    assert caps.captions[0] == ["a red square", "a red thing"] and caps.captions[ids.index("sub/missing.png")] == ["nothing"]
+    assert (caps.report.no_image, caps.report.empty) == (1, 2)
 
 
 def test_a_dataset_caption_column_holds_strings_or_lists(folder):

@@ -73,7 +73,7 @@ def stage1_configs(cfg: DemoConfig) -> Dict[str, Any]:
 
     train = TrainConfig(steps=cfg.stage1_steps, batch_size=128, lr=5e-4, warmup_steps=20, seed=cfg.seed,
                         save_every=100, log_every=10)
-    with_captions = {k: v for k, v in CAPTION_DEFAULTS.items() if k != "concepts"} if cfg.stage1_captions else {}
+    with_captions = CAPTION_DEFAULTS if cfg.stage1_captions else {}
     return {
         "Pic2Word-style": Stage1Config(phi=PhiConfig(num_tokens=1, use_vsi=False, dropout=0.1), loss="hard",
                                        concept_weight=0.0, train=train),
@@ -199,12 +199,11 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
     base = Composer.from_clip(str(clip_dir))
     bb = base.backbone
 
-    _stage("Stage I (mapping) on unlabeled images")
+    _stage("Stage I (mapping) on world images (and their captions)")
     t = time.time()
     features = captions = None  # encoded only if some variant still has to be trained
     stage1: Dict[str, Composer] = {}
     curves: Dict[str, List[Dict[str, float]]] = {}
-    scenes = world.scenes(cfg.stage1_images, stream="stage1")
     for name, s1 in stage1_configs(cfg).items():
         run = folder / stage1_folder(name)
         if (run / "model" / "config.json").is_file():
@@ -213,6 +212,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
             print(f"  {name}: reusing {run / 'model'}")
             continue
         if features is None:
+            scenes = world.scenes(cfg.stage1_images, stream="stage1")
             features = shapes_features(base, scenes, 64, progress=progress)
         if captions is None and needs_captions(s1):
             captions = caption_features(bb, world.captions_of(scenes, cfg.stage1_captions), progress=progress)
@@ -220,8 +220,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, progress: bool
         comp = Composer.from_clip(str(clip_dir), phi=s1.phi)
         s1 = dataclasses.replace(s1, phi=comp.phi.config)
         comp, result = train_stage1(comp, features, s1, output_dir=run, concepts=world.concept_phrases(),
-                                    resume=_has_state(run), progress=progress,
-                                    captions=captions if needs_captions(s1) else None)
+                                    resume=_has_state(run), progress=progress, captions=captions)
         atomic_write_json(run / "history.json", result.history)
         stage1[name] = comp
         curves[name] = result.history

@@ -17,7 +17,8 @@ from ..data.triplets import ALLOWED_FIELDS as TRIPLET_FIELDS
 from ..runs import RunFolder, data_fingerprint, folder_fingerprint
 from ..train.bank import BankStageConfig
 from ..train.clip_pretrain import PRESETS
-from ..train.stage1 import CAPTION_DEFAULTS, MINED_CONCEPTS, STAGE1_LOSSES, STAGE1_TARGETS, Stage1Config
+from ..train.stage1 import (CAPTION_CONCEPTS, CAPTION_DEFAULTS, MINED_CONCEPTS, STAGE1_LOSSES, STAGE1_TARGETS,
+                             Stage1Config)
 from ..train.stage2 import Stage2Config
 from .common import (RESUME_FREE, SOURCE_HELP, add_again_arguments, add_cache_argument, add_data_arguments, add_device_argument,
                      add_model_argument, add_out_argument, add_report_argument, add_train_arguments,
@@ -160,10 +161,10 @@ def stage1_add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{Stage1Config().targets} without captions, {CAPTION_DEFAULTS['targets']} with them)")
     parser.add_argument("--text-weight", type=float, default=None,
                         help="weight of the text-space term against the batch's captions (default: "
-                             f"{CAPTION_DEFAULTS.get('text_weight', Stage1Config().text_weight)} with captions)")
+                             f"{CAPTION_DEFAULTS['text_weight']} with captions)")
     parser.add_argument("--caption-pooling", choices=("sample", "mean"), default=None,
                         help="caption feature of an image: one of its captions drawn per step, or their mean "
-                             f"(default: {Stage1Config().caption_pooling})")
+                             f"(default with captions: {CAPTION_DEFAULTS['caption_pooling']})")
     parser.add_argument("--caption-tau", type=float, default=None,
                         help=f"temperature of the caption targets (default {Stage1Config().caption_tau})")
     parser.add_argument("--concept-weight", type=float, default=None)
@@ -171,7 +172,7 @@ def stage1_add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concept phrases of the concept term: a file with one per line, 'mined' (the "
                              f"{MINED_CONCEPTS} most frequent phrases of the captions), or 'shipped' (zscir's "
                              "list of common objects); default: the world's own list with --shapes, "
-                             f"{CAPTION_DEFAULTS['concepts']} with captions, else shipped")
+                             f"{CAPTION_CONCEPTS} with captions, else shipped")
     parser.add_argument("--patch-grid", type=int, default=None,
                         help="phi reads patch tokens pooled to GxG (0: full grid; default: phi.patch_grid, 4)")
 
@@ -180,7 +181,7 @@ def stage1_config_from_args(args: argparse.Namespace, with_captions: bool = Fals
     """Stage1Config from a JSON file and command-line overrides (the caption defaults when there are captions)."""
     cfg = Stage1Config.from_json(args.config) if args.config else Stage1Config()
     if with_captions and not args.config:
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in CAPTION_DEFAULTS.items() if k != "concepts"})
+        cfg = dataclasses.replace(cfg, **CAPTION_DEFAULTS)
     for field in ("targets", "text_weight", "caption_tau", "caption_pooling"):
         if getattr(args, field, None) is not None:
             cfg = dataclasses.replace(cfg, **{field: getattr(args, field)})
@@ -277,7 +278,7 @@ def stage1_backbone(model: Optional[str], pretrained: Optional[str], random_init
 def _stage1_images(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any], Any]:
     """The images of --images / --captions (folder, file list, caption file or data set), their "data" settings
     entry, and their captions (:class:`zscir.data.captions.ImageCaptions`, None without any)."""
-    from ..data.captions import captions_from_column, images_of_caption_file, read_caption_file
+    from ..data.captions import captions_from_column, read_caption_file, read_caption_file_images
     from ..data.images import PathSource
     from ..data.sources import DataSourceError, open_images
 
@@ -286,8 +287,7 @@ def _stage1_images(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any], Any]:
         columns.setdefault("image", args.image_column)
     captions = None
     if args.images is None:  # the caption file names the images
-        ids, paths = images_of_caption_file(args.captions, args.image_root, columns)
-        captions = read_caption_file(args.captions, ids, columns=columns)
+        _, paths, captions = read_caption_file_images(args.captions, args.image_root, columns)
         source: Any = paths
         data = {"images": len(paths), "sha256": data_fingerprint([os.path.abspath(p) for p in paths])}
     else:
@@ -324,7 +324,7 @@ def _stage1_concepts(args: argparse.Namespace, captions: Any, world: Any) -> Tup
     from ..data.captions import mine_concepts
 
     choice = args.concepts or ("world" if world is not None and captions is None else
-                               CAPTION_DEFAULTS["concepts"] if captions is not None else "shipped")
+                               CAPTION_CONCEPTS if captions is not None else "shipped")
     if choice == "mined":
         if captions is None:
             raise ValueError("--concepts mined needs captions (--captions, a caption column or --shapes-captions)")
@@ -348,11 +348,8 @@ def _stage1_concepts(args: argparse.Namespace, captions: Any, world: Any) -> Tup
 def stage1_run(args: argparse.Namespace) -> int:
     """Entry point of ``zscir train-stage1``."""
     from ..data.features import FeatureCache
-    from ..train.features import FeatureSource, shapes_features
-    from ..train.stage1 import train_stage1
-
-    from ..train.features import caption_features
-    from ..train.stage1 import needs_captions
+    from ..train.features import FeatureSource, caption_features, shapes_features
+    from ..train.stage1 import needs_captions, train_stage1
 
     if args.images is None and args.shapes is None and args.captions is None:
         raise ValueError("train-stage1 needs images: --images SOURCE, --captions FILE (the images it names) "

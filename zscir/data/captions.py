@@ -8,7 +8,7 @@ the forms the library reads images in:
   (or ``"captions": [...]``), or a CSV with ``image`` and ``caption`` columns; an image may have several rows.
   ``image`` is the image's id (its path relative to the folder) or a path relative to `image_root` / the
   file's folder. Other field names are mapped with ``columns`` (``image=filepath,caption=text``);
-* the caption file alone: the images are the ones it names (:func:`images_of_caption_file`);
+* the caption file alone: the images are the ones it names (:func:`read_caption_file_images`);
 * a data set with an image column and a caption column (a string or a list of strings per row), mapped with
   ``--columns image=...,caption=...`` like every other data command.
 
@@ -25,12 +25,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .sources import COLUMNS_FLAG, DataSourceError, parse_columns
 
 __all__ = ["CAPTION_FIELDS", "CAPTION_FILE_SUFFIXES", "CaptionReport", "ImageCaptions", "captions_from_column",
-           "images_of_caption_file", "is_caption_file", "mine_concepts", "read_caption_file"]
+           "mine_concepts", "read_caption_file", "read_caption_file_images"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 CAPTION_FIELDS = ("image", "caption")
@@ -99,13 +99,13 @@ def _clean(text: Any) -> str:
     return " ".join(str(text).split()) if text is not None else ""
 
 
-def _finish(captions: List[List[str]], report: CaptionReport, where: Sequence[str]) -> ImageCaptions:
+def _finish(captions: List[List[str]], report: CaptionReport, name: Callable[[int], str]) -> ImageCaptions:
     for i, caps in enumerate(captions):
         if caps:
             report.images_with_captions += 1
             report.captions += len(caps)
         else:
-            report.note("images_without_captions", where[i])
+            report.note("images_without_captions", name(i))
     return ImageCaptions(captions, report)
 
 
@@ -117,11 +117,6 @@ def _add(caps: List[str], value: Any, report: CaptionReport, where: str) -> None
             report.note("empty", where)
         elif text not in caps:
             caps.append(text)
-
-
-def is_caption_file(source: Any) -> bool:
-    """Whether `source` names a caption file (JSONL or CSV) rather than images or a data set."""
-    return isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in CAPTION_FILE_SUFFIXES
 
 
 def _rows(path: Path, columns: Mapping[str, str]) -> Iterator[Tuple[str, Dict[str, Any]]]:
@@ -164,21 +159,31 @@ def _check_caption_file(path: PathLike) -> Path:
     return path
 
 
-def images_of_caption_file(path: PathLike, image_root: Optional[PathLike] = None,
-                           columns: Union[None, str, Mapping[str, str]] = None) -> Tuple[List[str], List[Path]]:
-    """The distinct images a caption file names (as written, in first-seen order) and their paths, resolved
-    against `image_root` (default: the file's folder)."""
+def read_caption_file_images(path: PathLike, image_root: Optional[PathLike] = None,
+                             columns: Union[None, str, Mapping[str, str]] = None
+                             ) -> Tuple[List[str], List[Path], ImageCaptions]:
+    """A caption file read on its own, in one pass: the distinct images it names (as written, in first-seen
+    order), their paths (resolved against `image_root`, default the file's folder) and their captions."""
     path = _check_caption_file(path)
     columns = parse_columns(columns, CAPTION_FIELDS)
     root = Path(image_root) if image_root else path.parent
-    seen: Dict[str, Path] = {}
-    for _, row in _rows(path, columns):
+    index: Dict[str, int] = {}
+    captions: List[List[str]] = []
+    report = CaptionReport()
+    for where, row in _rows(path, columns):
         image = _clean(row["image"])
-        if image and image not in seen:
-            seen[image] = Path(image) if os.path.isabs(image) else root / image
-    if not seen:
+        if not image:
+            report.note("no_image", where)
+            continue
+        if image not in index:
+            index[image] = len(captions)
+            captions.append([])
+        _add(captions[index[image]], row["caption"], report, where)
+    if not index:
         raise DataSourceError(f"{path}: names no image (every row lacks the image field)")
-    return list(seen), list(seen.values())
+    ids = list(index)
+    paths = [Path(i) if os.path.isabs(i) else root / i for i in ids]
+    return ids, paths, _finish(captions, report, lambda n: f"image {ids[n]}")
 
 
 def read_caption_file(path: PathLike, ids: Sequence[str], base: Optional[PathLike] = None,
@@ -215,7 +220,7 @@ def read_caption_file(path: PathLike, ids: Sequence[str], base: Optional[PathLik
         raise DataSourceError(f"{path}: no caption matches an image of the corpus ({report.summary()}); the "
                               f"image field must be the image's path relative to the image folder or to "
                               f"--image-root / the caption file's folder")
-    return _finish(captions, report, [f"image {i}" for i in ids])
+    return _finish(captions, report, lambda n: f"image {ids[n]}")
 
 
 def captions_from_column(values: Sequence[Any], label: str, ids: Optional[Sequence[str]] = None) -> ImageCaptions:
@@ -224,8 +229,7 @@ def captions_from_column(values: Sequence[Any], label: str, ids: Optional[Sequen
     captions: List[List[str]] = [[] for _ in values]
     for n, value in enumerate(values):
         _add(captions[n], value, report, f"{label} row {n}")
-    names = [f"{label} row {n}" if ids is None else f"image {ids[n]}" for n in range(len(values))]
-    return _finish(captions, report, names)
+    return _finish(captions, report, lambda n: f"{label} row {n}" if ids is None else f"image {ids[n]}")
 
 
 # ----------------------------------------------------------------------------------------------- concepts

@@ -83,9 +83,12 @@ class CaptionFeatures:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def counts(self) -> torch.Tensor:
-        """Captions per image row [N]."""
-        return self.offsets[1:] - self.offsets[:-1]
+    def counts(self, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Captions per image row: of every row [N], or of `rows` [B] (without touching the others)."""
+        if rows is None:
+            return self.offsets[1:] - self.offsets[:-1]
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        return self.offsets[rows + 1] - self.offsets[rows]
 
     def means(self) -> torch.Tensor:
         """Each image's normalised mean caption feature [N, D] (zeros for images without captions)."""
@@ -97,7 +100,7 @@ class CaptionFeatures:
     def sample(self, rows: Sequence[int], generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         """One caption feature per image row, drawn uniformly among its captions [B, D], and which rows have one [B]."""
         rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
-        start, count = self.offsets[rows], self.counts()[rows]
+        start, count = self.offsets[rows], self.counts(rows)
         has = count > 0
         draw = (torch.rand(len(rows), generator=generator) * count).long()
         pick = start + torch.minimum(draw, (count - 1).clamp(min=0))
@@ -114,22 +117,10 @@ def caption_features(backbone: Any, captions: Sequence[Sequence[str]], batch_siz
     Captions that fill the whole context (the tokenizer truncated them) are counted in `report.truncated`
     (a :class:`zscir.data.captions.CaptionReport`) when one is given.
     """
-    from tqdm.auto import tqdm
-
     texts = [t for caps in captions for t in caps]
     unique = list(dict.fromkeys(texts))
     where = {t: i for i, t in enumerate(unique)}
-    was = backbone.training
-    backbone.eval()
-    parts = []
-    for s in tqdm(range(0, len(unique), batch_size), desc="encode captions", disable=not progress):
-        ids = backbone.tokenize(unique[s: s + batch_size])
-        if report is not None:
-            for j in torch.nonzero(ids[:, -1] != 0).flatten().tolist():
-                report.note("truncated", repr(unique[s + j][:40] + "..."))
-        parts.append(F.normalize(backbone.encode_text(ids).float(), dim=-1).cpu())
-    backbone.train(was)
-    table = torch.cat(parts) if parts else torch.empty(0, backbone.embed_dim)
+    table = text_features(backbone, unique, batch_size, progress=progress, report=report).cpu()
     index = torch.tensor([where[t] for t in texts], dtype=torch.long)
     offsets = torch.zeros(len(captions) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(torch.tensor([len(c) for c in captions], dtype=torch.long), 0)
@@ -369,12 +360,24 @@ def corpus_features(composer: Composer, folder: Any, cache_dir: Path, progress: 
 
 
 @torch.no_grad()
-def text_features(backbone: Any, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
-    """Normalised float32 text features [N, D] of ``texts`` with the backbone in eval mode (empty texts as " ")."""
-    texts = list(texts)
+def text_features(backbone: Any, texts: Sequence[str], batch_size: int = 512, progress: bool = False,
+                  report: Any = None) -> torch.Tensor:
+    """Normalised float32 text features [N, D] of ``texts`` with the backbone in eval mode (empty texts as " ").
+
+    Texts that fill the whole context (the tokenizer truncated them) are counted in `report.truncated`
+    (a :class:`zscir.data.captions.CaptionReport`) when one is given.
+    """
+    from tqdm.auto import tqdm
+
+    texts = [t or " " for t in texts]
     was = backbone.training
     backbone.eval()
-    parts = [backbone.encode_text([t or " " for t in texts[s: s + batch_size]], normalize=True).float()
-             for s in range(0, len(texts), batch_size)]
+    parts = []
+    for s in tqdm(range(0, len(texts), batch_size), desc="encode texts", disable=not progress):
+        ids = backbone.tokenize(texts[s: s + batch_size])
+        if report is not None:
+            for j in torch.nonzero(ids[:, -1] != 0).flatten().tolist():
+                report.note("truncated", repr(texts[s + j][:40] + "..."))
+        parts.append(backbone.encode_text(ids, normalize=True).float())
     backbone.train(was)
     return torch.cat(parts) if parts else torch.empty(0, backbone.embed_dim)

@@ -62,14 +62,15 @@ from .features import CaptionFeatures, FeatureSource, check_patch_tokens
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CAPTION_DEFAULTS", "DEFAULT_PROMPTS", "MINED_CONCEPTS", "STAGE1_LOSSES", "STAGE1_TARGETS", "Stage1Config", "Stage1Module", "Stage1Task",
-           "default_concepts", "needs_captions", "train_stage1"]
+__all__ = ["CAPTION_CONCEPTS", "CAPTION_DEFAULTS", "DEFAULT_PROMPTS", "MINED_CONCEPTS", "STAGE1_LOSSES", "STAGE1_TARGETS", "Stage1Config",
+           "Stage1Module", "Stage1Task", "default_concepts", "needs_captions", "train_stage1"]
 
 DEFAULT_PROMPTS = ("a photo of $",)
-#: Stage-I settings when the images have captions (chosen on validation after Stage II, docs/results.md: +0.9
-#: R@10 over image-only targets on each of 3 seeds) and the concept list they use.
-CAPTION_DEFAULTS: Dict[str, Any] = {"targets": "caption", "caption_pooling": "mean", "text_weight": 0.0,
-                                    "concepts": "mined"}
+#: Stage1Config fields when the images have captions (chosen on validation after Stage II, docs/results.md:
+#: +0.9 R@10 over image-only targets on each of 3 seeds).
+CAPTION_DEFAULTS: Dict[str, Any] = {"targets": "caption", "caption_pooling": "mean", "text_weight": 0.0}
+#: The concept list when the images have captions: mined from them.
+CAPTION_CONCEPTS = "mined"
 #: Phrases kept when the concept list is mined from captions.
 MINED_CONCEPTS = 200
 
@@ -123,9 +124,9 @@ def _image_targets(out: Dict[str, Any], cfg: Stage1Config) -> Targets:
     return p, p.T
 
 
-def _caption_targets(out: Dict[str, Any], cfg: Stage1Config) -> Targets:
+def _caption_targets(out: Dict[str, Any], cfg: Stage1Config, image: Optional[Targets] = None) -> Targets:
     rows, cols = caption_targets(out["captions"], out["image"], cfg.caption_tau, out["has_caption"])
-    img_rows, img_cols = _image_targets(out, cfg)
+    img_rows, img_cols = image or _image_targets(out, cfg)
     has = out["has_caption"].to(rows.device)
     rows = torch.where(has[:, None], rows, img_rows)  # captionless images keep the image target
     if not bool(has.any()):
@@ -134,7 +135,8 @@ def _caption_targets(out: Dict[str, Any], cfg: Stage1Config) -> Targets:
 
 
 def _mixed_targets(out: Dict[str, Any], cfg: Stage1Config) -> Targets:
-    (ir, ic), (cr, cc) = _image_targets(out, cfg), _caption_targets(out, cfg)
+    image = _image_targets(out, cfg)
+    (ir, ic), (cr, cc) = image, _caption_targets(out, cfg, image)
     return (1 - cfg.caption_mix) * ir + cfg.caption_mix * cr, (1 - cfg.caption_mix) * ic + cfg.caption_mix * cc
 
 
@@ -205,7 +207,7 @@ class Stage1Task(TrainTask):
         if self.captions is not None:
             rows = self.features.indices[indices.numpy()]
             if self.caption_means is not None:
-                caps, has = self.caption_means[rows], self.captions.counts()[rows] > 0
+                caps, has = self.caption_means[rows], self.captions.counts(rows) > 0
             else:  # one of each image's captions, drawn per step (resumes draw the same)
                 gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
                 caps, has = self.captions.sample(rows, gen)
